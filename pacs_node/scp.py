@@ -1,0 +1,114 @@
+"""The Storage SCP: application entity, presentation contexts, allow-list, TLS, handlers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs_node.config import NodeConfig
+from pacs_node.status import Status
+
+logger = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
+
+
+def handle_echo(event: evt.Event) -> int:
+    return Status.SUCCESS
+
+
+def handle_conn_open(event: evt.Event) -> None:
+    """Set TCP_NODELAY on the accepted socket (pynetdicom does not)."""
+    sock = getattr(event.assoc.dul.socket, "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def handle_rejected(event: evt.Event, node: NodeConfig) -> None:
+    rq = event.assoc.requestor
+    called = str(getattr(rq.primitive, "called_ae_title", "?")).strip()
+    calling = str(rq.ae_title).strip()
+    if not node.accepts_any_caller and calling not in node.allowed_calling_ae_titles:
+        reason = "calling AE title not in node.allowed_calling_ae_titles"
+    elif called != node.ae_title:
+        reason = f"called AE title is not {node.ae_title!r}"
+    else:
+        reason = f"node.max_associations ({node.max_associations}) reached"
+    logger.warning(
+        "association rejected: calling AE %r, called AE %r, peer %s:%s: %s",
+        calling,
+        called,
+        rq.address,
+        rq.port,
+        reason,
+    )
+
+
+def make_ssl_context(node: NodeConfig) -> ssl.SSLContext | None:
+    if node.tls is None:
+        return None
+    tls = node.tls
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca_certificates))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
+    if tls.ca_certificates is None:
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class StorageSCP:
+    """One listening AE. ``start()`` returns once the port is bound; ``stop()`` closes it."""
+
+    def __init__(self, node: NodeConfig, handlers: list[Any] | None = None) -> None:
+        self.config = node
+        self.ae = AE(ae_title=node.ae_title)
+        self.ae.maximum_associations = node.max_associations
+        self.ae.maximum_pdu_size = node.max_pdu_size
+        self.ae.network_timeout = node.network_timeout_seconds
+        self.ae.acse_timeout = node.network_timeout_seconds
+        self.ae.dimse_timeout = node.network_timeout_seconds
+        self.ae.require_called_aet = True
+        if not node.accepts_any_caller:
+            self.ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+        self.ae.add_supported_context(VERIFICATION)
+        self._handlers = [
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_REJECTED, handle_rejected, [node]),
+            *(handlers or []),
+        ]
+        self.server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        self.server = self.ae.start_server(
+            (self.config.bind, self.config.port),
+            block=False,
+            evt_handlers=self._handlers,
+            ssl_context=make_ssl_context(self.config),
+        )
+        logger.info(
+            "listening as %s on %s:%d%s",
+            self.config.ae_title,
+            self.config.bind,
+            self.port,
+            " (TLS)" if self.config.tls else "",
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,1 @@
+"""train: unpaired UNIT training, synthetic low-dose CT, and evaluation."""

@@ -1,0 +1,181 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from unit_model import checkpoint as ckpt
+from unit_model.denoiser import Denoiser
+from unit_model.networks import GeneratorConfig, PatchDiscriminator, UnitGenerator
+from unit_model.transforms import HUWindow
+
+SMALL = GeneratorConfig(filters=8)
+
+
+def n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_reference() -> None:
+    gen = UnitGenerator()
+    assert n_params(gen) == 20_370_946
+    assert n_params(PatchDiscriminator()) == 3_914_241
+    assert round(n_params(gen.translator()) / 1e6, 2) == 12.55
+
+
+@pytest.mark.parametrize(("size", "gflop"), [(256, 107.0), (512, 428.5)])
+def test_inference_flops_match_reference(size: int, gflop: float) -> None:
+    net = UnitGenerator().translator().eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 1, size, size))
+    assert counter.get_total_flops() / 1e9 == pytest.approx(gflop, abs=0.15)
+
+
+def test_generator_outputs_and_latents() -> None:
+    gen = UnitGenerator(SMALL)
+    ld, hd = torch.rand(2, 1, 32, 32) * 2 - 1, torch.rand(2, 1, 32, 32) * 2 - 1
+    outs = gen(ld, hd, return_latents=True)
+    assert len(outs) == 6
+    for o in outs[:4]:
+        assert o.shape == (2, 1, 32, 32) and o.abs().max() <= 1
+    assert outs[4].shape == (2, 32, 8, 8)
+    # eval mode has no latent noise: deterministic, and ld2hd equals the translator's output
+    gen.eval()
+    a, b = gen(ld, hd), gen(ld, hd)
+    assert torch.equal(a[2], b[2])
+    torch.testing.assert_close(gen.translator()(ld), a[2])
+
+
+def test_stacked_domains_do_not_mix() -> None:
+    """Each image's translation is independent of what else is in the batch."""
+    gen = UnitGenerator(SMALL).eval()
+    ld, hd = torch.randn(1, 1, 32, 32).tanh(), torch.randn(1, 1, 32, 32).tanh()
+    alone = gen(ld, hd)[2]
+    other = gen(ld, torch.zeros_like(hd) + 0.9)[2]
+    torch.testing.assert_close(alone, other)
+
+
+def test_discriminator_shape_and_init() -> None:
+    d = PatchDiscriminator()
+    assert d(torch.zeros(1, 1, 256, 256)).shape == (1, 1, 16, 16)
+    w = d.layers[0].weight
+    assert abs(w.std().item() - 0.01) < 0.003
+
+
+def test_residual_output_starts_as_identity() -> None:
+    gen = UnitGenerator(GeneratorConfig(filters=8, residual_output=True)).eval()
+    x = torch.rand(1, 1, 32, 32) * 2 - 1
+    assert torch.equal(gen.translator()(x), x)
+
+
+def test_other_upsampling_keeps_shapes() -> None:
+    gen = UnitGenerator(GeneratorConfig(filters=8, upsample="resize_conv")).eval()
+    assert gen.translator()(torch.zeros(1, 1, 32, 32)).shape == (1, 1, 32, 32)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (512, 512), (500, 373)])
+def test_any_slice_size_comes_back_in_its_own_shape(shape: tuple[int, int]) -> None:
+    den = Denoiser(UnitGenerator(SMALL).translator(), HUWindow(), device="cpu")
+    out = den.denoise_hu(np.zeros((1, *shape), np.float32))
+    assert out.shape == (1, *shape) and out.dtype == np.float32
+
+
+def test_hu_round_trip_is_exact_with_identity_network() -> None:
+    window = HUWindow()
+    den = Denoiser(nn.Identity(), window, device="cpu", batch_size=3)
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 3072, size=(7, 37, 41)).astype(np.float32)
+    hu[0, 0, :4] = [-1024, 3071, 0, -1]
+    hu[1, 0, :3] = rng.uniform(-1024, 3071, 3)  # non-integers too
+    assert np.array_equal(den.denoise_hu(hu), hu)
+    # outside the window: passed through, never clipped
+    hu[2, 0, :2] = [-3000, 8000]
+    assert np.array_equal(den.denoise_hu(hu), hu)
+
+
+def test_window_inverse_and_clip() -> None:
+    w = HUWindow(-1024, 1024)
+    x = torch.tensor([-2000.0, -1024, 0, 512, 1024, 5000])
+    assert w.to_network(x).tolist() == [-1, -1, 0, 0.5, 1, 1]
+    assert w.to_hu(w.to_network(x))[1:5].tolist() == [-1024, 0, 512, 1024]
+    with pytest.raises(ValueError):
+        HUWindow(10, 10)
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    gen = UnitGenerator(SMALL)
+    path = tmp_path / "g.safetensors"
+    version = ckpt.save(path, gen, HUWindow(-1024, 1024), data={"cases": 3})
+    assert len(version) == 12
+    loaded = ckpt.load(path)
+    assert loaded.model_version == version and loaded.metadata["data"] == {"cases": 3}
+    assert loaded.window == HUWindow(-1024, 1024)
+    hu = np.random.default_rng(1).normal(0, 300, (2, 36, 36)).astype(np.float32)
+    a = Denoiser(gen.translator(), HUWindow(-1024, 1024), device="cpu").denoise_hu(hu)
+    b = Denoiser.from_checkpoint(path, device="cpu").denoise_hu(hu)
+    assert np.array_equal(a, b)
+    # saving the same weights again gives the same version
+    assert ckpt.save(tmp_path / "h.safetensors", gen, HUWindow(-1024, 1024)) == version
+
+
+def test_fp16_checkpoint_is_smaller_and_close(tmp_path: Path) -> None:
+    gen = UnitGenerator(SMALL)
+    ckpt.save(tmp_path / "a.safetensors", gen, HUWindow())
+    ckpt.save(tmp_path / "b.safetensors", gen, HUWindow(), dtype=torch.float16)
+    assert (tmp_path / "b.safetensors").stat().st_size < (tmp_path / "a.safetensors").stat().st_size
+    assert ckpt.load(tmp_path / "b.safetensors").metadata["dtype"] == "float16"
+
+
+def test_truncated_checkpoint_fails_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "g.safetensors"
+    ckpt.save(path, UnitGenerator(SMALL), HUWindow())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+        Denoiser.from_checkpoint(path)
+
+
+def test_altered_weights_fail_model_version_check(tmp_path: Path) -> None:
+    path = tmp_path / "g.safetensors"
+    ckpt.save(path, UnitGenerator(SMALL), HUWindow())
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="do not match their model_version"):
+        ckpt.load(path)
+
+
+def test_architecture_mismatch_names_the_tensor(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "g.safetensors"
+    ckpt.save(path, UnitGenerator(SMALL), HUWindow())
+    meta = ckpt._read(path)[1]
+    meta["architecture"]["filters"] = 16  # claims another width than its tensors have
+    save_file(load_file(str(path)), str(path), metadata={"unit_model": json.dumps(meta)})
+    with pytest.raises(ckpt.CheckpointError, match=r"tensor '[\w.]+' has shape \(\d+, 8,"):
+        ckpt.load(path)
+    meta["architecture"]["depth"] = 5
+    save_file(load_file(str(path)), str(path), metadata={"unit_model": json.dumps(meta)})
+    with pytest.raises(ckpt.CheckpointError, match="unknown generator settings"):
+        ckpt.load(path)
+
+
+def test_missing_checkpoint_refuses_to_denoise(tmp_path: Path) -> None:
+    with pytest.raises(ckpt.CheckpointError, match="no such checkpoint"):
+        Denoiser.from_checkpoint(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_close_to_fp32() -> None:
+    gen = UnitGenerator(SMALL)
+    hu = np.random.default_rng(2).normal(0, 100, (4, 64, 64)).astype(np.float32)
+    a = Denoiser(gen.translator(), HUWindow(), device="cpu").denoise_hu(hu)
+    b = Denoiser(gen.translator(), HUWindow(), device="cuda", precision="bf16").denoise_hu(hu)
+    assert np.abs(a - b).mean() < 20

@@ -1,0 +1,117 @@
+"""Inference: HU slices in, HU slices out, on the best device available."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unit_model import checkpoint as ckpt
+from unit_model.transforms import HUWindow
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Denoiser", "pick_device", "pick_dtype"]
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Denoiser:
+    """Low-dose -> regular-dose translation of CT slices in Hounsfield units.
+
+    ``denoise_hu`` takes float32 [N, H, W] HU of any H, W; slices are reflect-padded to a multiple
+    of 4, run in batches of ``batch_size`` and cropped back.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        window: HUWindow,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 8,
+        compile: bool = False,
+        model_version: str = "untracked",
+        metadata: dict[str, object] | None = None,
+    ) -> None:
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(precision, self.device)
+        self.window = window
+        self.batch_size = batch_size
+        self.model_version = model_version
+        self.metadata = metadata or {}
+        net = network.eval().to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.network: nn.Module = torch.compile(net) if compile else net  # type: ignore[assignment]
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 8,
+        compile: bool = False,
+    ) -> Denoiser:
+        """Load a generator checkpoint (the shipped one when ``path`` is None).
+
+        Raises :class:`unit_model.checkpoint.CheckpointError` when there is no usable checkpoint:
+        the node never passes images through unprocessed.
+        """
+        loaded = ckpt.load(path or ckpt.SHIPPED)
+        return cls(
+            loaded.generator.translator(),
+            loaded.window,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            compile=compile,
+            model_version=loaded.model_version,
+            metadata=loaded.metadata,
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[object]:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def denoise_hu(self, slices: np.ndarray) -> np.ndarray:
+        """float32 [N, H, W] HU -> float32 [N, H, W] HU."""
+        arr = np.asarray(slices, dtype=np.float32)
+        if arr.ndim != 3:
+            raise ValueError(f"expected [N, H, W] slices, got shape {arr.shape}")
+        n, h, w = arr.shape
+        pad_h, pad_w = (-h) % 4, (-w) % 4
+        out = np.empty_like(arr)
+        for start in range(0, n, self.batch_size):
+            hu = torch.from_numpy(arr[start : start + self.batch_size]).to(self.device)
+            hu = hu.unsqueeze(1)
+            x = self.window.to_network(hu)
+            xp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
+            with self._autocast():
+                y = self.network(xp.contiguous(memory_format=torch.channels_last))
+            y = y.float()[..., :h, :w]
+            result = self.window.apply_correction(hu, x, y)
+            out[start : start + len(hu)] = result.squeeze(1).cpu().numpy()
+        return out

@@ -1,0 +1,78 @@
+"""Uniform-region finder and the figures of the quality gate: HU bias and noise SD.
+
+Regions are found on the input series (flat anatomy in a soft-tissue HU range, judged on a
+smoothed copy so noise does not hide them); the same regions are then measured on the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+Region = tuple[int, int, int, int]  # slice index, row, col, half size
+
+
+@dataclass(frozen=True)
+class QualityFigures:
+    hu_bias: float  # mean(output - input) over the regions, HU
+    noise_in: float  # mean SD of the input in the regions, HU
+    noise_out: float  # mean SD of the output in the regions, HU
+    regions: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def find_uniform_regions(
+    slices: np.ndarray,
+    half: int = 0,
+    per_slice: int = 2,
+    hu_range: tuple[float, float] = (-150.0, 250.0),
+) -> list[Region]:
+    """Up to ``per_slice`` flat soft-tissue squares of side 2*half per slice of [N, H, W] HU."""
+    n, h, w = slices.shape
+    half = half or max(3, min(h, w) // 40)
+    size = 2 * half
+    regions: list[Region] = []
+    for k in range(n):
+        smooth = ndimage.gaussian_filter(slices[k].astype(np.float32), 2.0)
+        mean = ndimage.uniform_filter(smooth, size)
+        sq = ndimage.uniform_filter(smooth * smooth, size)
+        flatness = np.sqrt(np.clip(sq - mean * mean, 0, None))
+        ok = (mean > hu_range[0]) & (mean < hu_range[1])
+        # the whole square must be tissue in range, not just its mean
+        lo = ndimage.minimum_filter(smooth, size) > hu_range[0] - 100
+        hi = ndimage.maximum_filter(smooth, size) < hu_range[1] + 100
+        ok &= lo & hi
+        ok[:half, :] = ok[-half:, :] = False
+        ok[:, :half] = ok[:, -half:] = False
+        score = np.where(ok, flatness, np.inf)
+        for _ in range(per_slice):
+            idx = int(np.argmin(score))
+            if not np.isfinite(score.flat[idx]):
+                break
+            r, c = divmod(idx, w)
+            regions.append((k, r, c, half))
+            score[max(0, r - 2 * size) : r + 2 * size, max(0, c - 2 * size) : c + 2 * size] = np.inf
+    return regions
+
+
+def _patch(slices: np.ndarray, reg: Region) -> np.ndarray:
+    k, r, c, half = reg
+    return slices[k, r - half : r + half, c - half : c + half]
+
+
+def measure(
+    inp: np.ndarray, out: np.ndarray, regions: list[Region] | None = None
+) -> QualityFigures:
+    """Bias and noise of ``out`` against ``inp`` (both [N, H, W] HU) in uniform regions."""
+    if regions is None:
+        regions = find_uniform_regions(inp)
+    if not regions:
+        return QualityFigures(float("nan"), float("nan"), float("nan"), 0)
+    bias = float(np.mean([np.mean(_patch(out, g) - _patch(inp, g)) for g in regions]))
+    noise_in = float(np.mean([np.std(_patch(inp, g)) for g in regions]))
+    noise_out = float(np.mean([np.std(_patch(out, g)) for g in regions]))
+    return QualityFigures(bias, noise_in, noise_out, len(regions))

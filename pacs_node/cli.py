@@ -97,6 +97,55 @@ def serve(config: ConfigOption = None) -> None:
     logger.info("stopped")
 
 
+@app.command()
+def status(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    limit: Annotated[int, typer.Option(help="newest jobs to show")] = 50,
+) -> None:
+    """Show the jobs: series, instance counts, state, attempts, last error."""
+    cfg = load_config(config)
+    from pacs_node.queue import Queue
+
+    queue = Queue(cfg.queue.database_url)
+    try:
+        queue.migrate()
+        rows = queue.list_jobs(limit=limit)
+    except Exception as err:
+        raise _fail(f"cannot read the job table at {cfg.queue.database_url}: {err}", 1) from None
+    finally:
+        queue.dispose()
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        "job",
+        "series UID",
+        "received",
+        "denoised",
+        "forwarded",
+        "state",
+        "attempts",
+        "last error",
+        box=None,
+    )
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.series_uid,
+            str(r.received),
+            str(r.denoised),
+            str(r.delivered),
+            r.state + (" (flagged)" if r.flagged else ""),
+            str(r.attempts),
+            (r.last_error or "")[:80],
+        )
+    Console(width=200).print(table if rows else "no jobs yet")
+
+
 def main() -> None:
     try:
         app()

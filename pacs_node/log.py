@@ -41,3 +41,4 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     # pynetdicom logs every PDU at INFO; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

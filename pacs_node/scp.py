@@ -8,7 +8,7 @@ import socket
 import ssl
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs_node.config import NodeConfig
@@ -68,7 +68,12 @@ def make_ssl_context(node: NodeConfig) -> ssl.SSLContext | None:
 class StorageSCP:
     """One listening AE. ``start()`` returns once the port is bound; ``stop()`` closes it."""
 
-    def __init__(self, node: NodeConfig, handlers: list[Any] | None = None) -> None:
+    def __init__(
+        self,
+        node: NodeConfig,
+        handlers: list[Any] | None = None,
+        storage_syntaxes: list[str] | None = None,
+    ) -> None:
         self.config = node
         self.ae = AE(ae_title=node.ae_title)
         self.ae.maximum_associations = node.max_associations
@@ -80,6 +85,11 @@ class StorageSCP:
         if not node.accepts_any_caller:
             self.ae.require_calling_aet = list(node.allowed_calling_ae_titles)
         self.ae.add_supported_context(VERIFICATION)
+        if storage_syntaxes:
+            # Every storage SOP class is accepted at negotiation so that a non-CT instance gets a
+            # C-STORE status and a log line naming the reason, not a silent context rejection.
+            for cx in AllStoragePresentationContexts:
+                self.ae.add_supported_context(str(cx.abstract_syntax), storage_syntaxes)
         self._handlers = [
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, handle_conn_open),

@@ -82,3 +82,158 @@ def write_config(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
+
+
+# -- DICOM data and a node process ------------------------------------------------------------
+
+PATIENT_NAME = "SECRETSURNAME^GIVENNAME"
+PATIENT_ID = "PID-7731-SECRET"
+
+
+def make_series(
+    folder: Path,
+    n: int = 10,
+    size: int = 64,
+    seed: int = 0,
+    noise_sd: float = 0.0,
+    patient_id: str = PATIENT_ID,
+) -> list[Path]:
+    """A CT series of ``n`` slices (procedural body, optional white noise), one file a slice."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from train.synth import UID_ROOT, BodyCase, ct_dataset
+
+    rng = np.random.default_rng(seed)
+    body = BodyCase.random(rng)
+    pixel_mm = 380.0 / size
+    study = {
+        "uid": generate_uid(UID_ROOT),
+        "date": "20240102",
+        "patient_name": PATIENT_NAME,
+        "patient_id": patient_id,
+    }
+    series_uid, frame = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        hu = body.slice_hu(size, pixel_mm, i / max(n - 1, 1))
+        if noise_sd:
+            hu = hu + rng.normal(0, noise_sd, hu.shape).astype(np.float32)
+        ds = ct_dataset(
+            hu,
+            study=study,
+            series_uid=series_uid,
+            series_number=3,
+            description="Low Dose Images",
+            index=i,
+            pixel_mm=pixel_mm,
+            thickness_mm=1.0,
+            frame_uid=frame,
+        )
+        path = folder / f"{i + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class NodeProcess:
+    """``pacs-node serve`` (or another verb) as a child process with its own config and port."""
+
+    def __init__(
+        self, tmp: Path, extra: str = "", verb: str = "serve", port: int | None = None
+    ) -> None:
+        self.tmp = tmp
+        self.port = port or free_port()
+        self.config = tmp / "node.toml"
+        self.config.write_text(
+            f'[node]\nbind = "127.0.0.1"\nport = {self.port}\n'
+            f'allowed_calling_ae_titles = ["STORESCU", "SENDER1", "SENDER2"]\n'
+            f"[storage]\nmin_free_bytes = 0\n{extra}"
+        )
+        self.verb = verb
+        self.log_path = tmp / f"node-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> NodeProcess:
+        logf = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            [str(BIN / "pacs-node"), self.verb, "--config", str(self.config)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            cwd=self.tmp,
+        )
+        logf.close()
+        if wait:
+            wait_for(
+                lambda: port_open(self.port) or self.proc.poll() is not None, 90, "node to listen"
+            )
+            assert self.proc.poll() is None, self.log()
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else 0
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def storescu(
+        self,
+        *files: str,
+        opts: tuple[str, ...] = (),
+        aet: str = "STORESCU",
+        aec: str = "LDCT_DENOISE",
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess[str]:
+        return run_tool(
+            require_tool("storescu"),
+            "-aet",
+            aet,
+            "-aec",
+            aec,
+            *opts,
+            "127.0.0.1",
+            str(self.port),
+            *files,
+            timeout=timeout,
+        )
+
+    def status(self) -> list[dict[str, object]]:
+        import json
+
+        out = subprocess.run(
+            [str(BIN / "pacs-node"), "status", "--json", "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return list(json.loads(out.stdout))
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
+    nodes: list[NodeProcess] = []
+
+    def make(extra: str = "", **kw: object) -> NodeProcess:
+        sub = tmp_path / f"node{len(nodes)}"
+        sub.mkdir()
+        node = NodeProcess(sub, extra, **kw)  # type: ignore[arg-type]
+        nodes.append(node)
+        return node
+
+    yield make
+    for n in nodes:
+        n.stop()

@@ -1,0 +1,185 @@
+"""The C-STORE handler: validate, write durably, record, and only then answer Success.
+
+No pixel decoding, inference or network calls happen on the association's thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from collections import Counter
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+from pynetdicom import evt
+
+from pacs_node.queue import Queue
+from pacs_node.status import Status
+from pacs_node.storage import Storage, valid_uid
+
+logger = logging.getLogger(__name__)
+
+# The transfer syntaxes the worker decodes (pydicom + pylibjpeg). pynetdicom picks the first of
+# these that a proposed context lists, so lossless compressions come first: a sender that offers
+# its stored compressed form beside uncompressed sends what it has, without transcoding.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, process 14
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+]
+
+
+class Refused(Exception):
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def validate(ds: Dataset, sop_class: str, affected_uid: str) -> tuple[str, str, str]:
+    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused."""
+    if sop_class == EnhancedCTImageStorage:
+        raise Refused(
+            Status.SOP_CLASS_NOT_SUPPORTED,
+            "Enhanced CT (multi-frame) is not supported yet; send CT Image Storage",
+        )
+    if sop_class != CTImageStorage:
+        raise Refused(
+            Status.SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT Image Storage"
+        )
+    if ds.get("SOPClassUID") != sop_class:
+        raise Refused(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            f"SOPClassUID {ds.get('SOPClassUID')} differs from the presentation context",
+        )
+    uids = {}
+    for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        value = ds.get(key)
+        if value is None:
+            raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{key} is missing")
+        if not valid_uid(str(value)):
+            raise Refused(Status.CANNOT_UNDERSTAND, f"{key} is not a valid UID")
+        uids[key] = str(value)
+    if uids["SOPInstanceUID"] != affected_uid:
+        raise Refused(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOPInstanceUID differs from the request's Affected SOP Instance UID",
+        )
+    if ds.get("Modality") != "CT":
+        raise Refused(
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Modality {ds.get('Modality')!r} is not CT"
+        )
+    for key in ("Rows", "Columns"):
+        if not ds.get(key):
+            raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{key} is missing or zero")
+    if "PixelData" not in ds:
+        raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData is missing")
+    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+
+
+class Intake:
+    """Handles C-STORE requests for one node; counts per association for the audit line."""
+
+    def __init__(self, storage: Storage, queue: Queue) -> None:
+        self.storage = storage
+        self.queue = queue
+        self._lock = threading.Lock()
+        self._per_assoc: dict[int, Counter[str]] = {}
+        self.totals: Counter[str] = Counter()
+
+    def _count(self, event: evt.Event, key: str) -> None:
+        with self._lock:
+            self._per_assoc.setdefault(id(event.assoc), Counter())[key] += 1
+            self.totals[key] += 1
+
+    def handle_store(self, event: evt.Event) -> int:
+        caller = str(event.assoc.requestor.ae_title).strip()
+        affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        try:
+            if not self.storage.has_room():
+                raise Refused(
+                    Status.OUT_OF_RESOURCES,
+                    f"free disk below storage.min_free_bytes ({self.storage.min_free_bytes})",
+                )
+            try:
+                ds = event.dataset
+            except Exception as err:
+                raise Refused(
+                    Status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {err}"
+                ) from None
+            study, series, sop = validate(ds, event.context.abstract_syntax, affected)
+            self._store(event, study, series, sop)
+        except Refused as r:
+            self._count(event, f"refused:{r.status.name.lower()}")
+            logger.warning(
+                "C-STORE from %s refused with 0x%04X (%s): %s; SOP instance %s",
+                caller,
+                r.status,
+                r.status.name,
+                r.reason,
+                affected if valid_uid(affected) else "(invalid UID)",
+            )
+            return int(r.status)
+        self._count(event, "stored")
+        return int(Status.SUCCESS)
+
+    def _store(self, event: evt.Event, study: str, series: str, sop: str) -> None:
+        path = self.storage.received_path(series, sop)
+        existed = path.exists()
+        try:
+            self.storage.write_atomic(path, event.encoded_dataset(include_meta=True))
+        except OSError as err:
+            status = (
+                Status.OUT_OF_RESOURCES
+                if err.errno in (errno.ENOSPC, errno.EDQUOT)
+                else Status.PROCESSING_FAILURE
+            )
+            raise Refused(status, f"cannot write the file: {err.strerror}") from None
+        try:
+            self.queue.record_instance(
+                sop_uid=sop, series_uid=series, study_uid=study, path=str(path)
+            )
+        except Exception as err:
+            if not existed:
+                self.storage.remove(path)
+            logger.exception("recording SOP instance %s failed", sop)
+            raise Refused(
+                Status.OUT_OF_RESOURCES, f"job table unavailable: {type(err).__name__}"
+            ) from None
+
+    # -- association audit -------------------------------------------------------------------
+    def handle_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            self._per_assoc[id(event.assoc)] = Counter()
+
+    def handle_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            counts = self._per_assoc.pop(id(event.assoc), Counter())
+        rq = event.assoc.requestor
+        outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        refused = sum(v for k, v in counts.items() if k.startswith("refused"))
+        logger.info(
+            "association from %s (%s:%s) %s: %d stored, %d refused",
+            str(rq.ae_title).strip(),
+            rq.address,
+            rq.port,
+            outcome,
+            counts["stored"],
+            refused,
+        )
+
+    def handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+        ]

@@ -1,0 +1,363 @@
+"""The job table: the only state of the node. Every state change goes through this module.
+
+A job is one round of one received series::
+
+    receiving --(series_quiet_seconds without a new instance)--> ready --claim--> running
+        --> forwarding --> done
+                       \\-> failed (after destination.max_attempts, or a permanent error)
+
+Rules for instances (each has its own state: received -> denoised -> delivered | failed):
+
+* An instance for a series with an unfinished job (receiving, ready, running, forwarding) joins
+  that job. A worker finishing a job sends it back to ``ready`` when instances arrived meanwhile.
+* An instance for a series whose last job is done or failed starts a new round: a new job that
+  holds only the new instances.
+* The same SOPInstanceUID again replaces the earlier copy: the file is overwritten and the
+  instance row moves to the series' unfinished job (or the new round) as ``received``.
+
+SQLite runs in WAL mode with a busy timeout; every write transaction is ``BEGIN IMMEDIATE``.
+PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``. The schema is made by Alembic migrations.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(enum.StrEnum):
+    RECEIVING = "receiving"
+    READY = "ready"
+    RUNNING = "running"
+    FORWARDING = "forwarding"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "received"
+    DENOISED = "denoised"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+FINISHED = (JobState.DONE.value, JobState.FAILED.value)
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("last_instance_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("worker", sa.String(128)),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("last_error", sa.Text),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("quality", sa.Text),
+    sa.Column("flagged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("ix_jobs_state", "state"),
+    sa.Index("ix_jobs_series", "series_uid"),
+    sa.Index(
+        "ux_jobs_series_open",
+        "series_uid",
+        unique=True,
+        sqlite_where=sa.text("state NOT IN ('done', 'failed')"),
+        postgresql_where=sa.text("state NOT IN ('done', 'failed')"),
+    ),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("derived_uid", sa.String(64)),
+    sa.Column("derived_path", sa.Text),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_instances_job_state", "job_id", "state"),
+)
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    series_uid: str
+    study_uid: str
+    round: int
+    state: str
+    attempts: int
+    last_error: str | None
+    model_version: str | None
+    received: int
+    denoised: int
+    delivered: int
+    failed: int
+    quality: dict[str, Any] | None
+    flagged: bool
+    created_at: float
+    updated_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url,
+            connect_args={"timeout": 60, "check_same_thread": False},
+            pool_size=20,
+            max_overflow=20,
+        )
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # let us issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=60000")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+class Queue:
+    def __init__(self, database_url: str) -> None:
+        self.url = database_url
+        self.engine = make_engine(database_url)
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+
+    # -- schema -----------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Bring the schema to the newest Alembic revision (safe to run from many processes)."""
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        with self.engine.begin() as conn:
+            if self.is_postgres:
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7214002)")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def ping(self) -> None:
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A write transaction, retried by the caller on IntegrityError races."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    # -- intake -----------------------------------------------------------------------------
+    def record_instance(
+        self, *, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float | None = None
+    ) -> int:
+        """Record a stored instance and its series' job in one transaction; return the job id."""
+        now = time.time() if now is None else now
+        for attempt in range(5):
+            try:
+                with self.transaction() as conn:
+                    return self._record(conn, sop_uid, series_uid, study_uid, path, now)
+            except IntegrityError:  # another node opened the series' job first: join it
+                if attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _record(
+        self, conn: Connection, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float
+    ) -> int:
+        j = jobs.c
+        row = conn.execute(
+            sa.select(j.id, j.state).where(j.series_uid == series_uid, j.state.not_in(FINISHED))
+        ).first()
+        if row is None:
+            last_round = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.max(j.round), 0)).where(
+                    j.series_uid == series_uid
+                )
+            ).scalar_one()
+            job_id = conn.execute(
+                jobs.insert()
+                .values(
+                    series_uid=series_uid,
+                    study_uid=study_uid,
+                    round=last_round + 1,
+                    state=JobState.RECEIVING.value,
+                    created_at=now,
+                    updated_at=now,
+                    last_instance_at=now,
+                    attempts=0,
+                    next_attempt_at=0,
+                )
+                .returning(j.id)
+            ).scalar_one()
+        else:
+            job_id = row.id
+            values: dict[str, Any] = {"last_instance_at": now, "updated_at": now}
+            if row.state == JobState.READY.value:
+                values["state"] = JobState.RECEIVING.value
+            conn.execute(jobs.update().where(j.id == job_id).values(**values))
+        i = instances.c
+        updated = conn.execute(
+            instances.update()
+            .where(i.sop_instance_uid == sop_uid)
+            .values(
+                job_id=job_id,
+                series_uid=series_uid,
+                path=path,
+                state=InstanceState.RECEIVED.value,
+                received_at=now,
+                updated_at=now,
+                derived_uid=None,
+                derived_path=None,
+                last_error=None,
+            )
+        ).rowcount
+        if not updated:
+            conn.execute(
+                instances.insert().values(
+                    job_id=job_id,
+                    sop_instance_uid=sop_uid,
+                    series_uid=series_uid,
+                    path=path,
+                    state=InstanceState.RECEIVED.value,
+                    received_at=now,
+                    updated_at=now,
+                )
+            )
+        return int(job_id)
+
+    def known_paths(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(sa.select(instances.c.path))}
+
+    def promote_quiet(self, quiet_seconds: float, now: float | None = None) -> int:
+        """receiving -> ready for series with no new instance for ``quiet_seconds``."""
+        now = time.time() if now is None else now
+        j = jobs.c
+        with self.transaction() as conn:
+            return int(
+                conn.execute(
+                    jobs.update()
+                    .where(
+                        j.state == JobState.RECEIVING.value,
+                        j.last_instance_at <= now - quiet_seconds,
+                    )
+                    .values(state=JobState.READY.value, updated_at=now)
+                ).rowcount
+            )
+
+    # -- reporting --------------------------------------------------------------------------
+    def list_jobs(self, job_id: int | None = None, limit: int = 200) -> list[JobRow]:
+        j, i = jobs.c, instances.c
+
+        def count(state: str) -> Any:
+            return sa.func.sum(sa.case((i.state == state, 1), else_=0))
+
+        counts = (
+            sa.select(
+                i.job_id,
+                sa.func.count().label("received"),
+                (count(InstanceState.DENOISED.value) + count(InstanceState.DELIVERED.value)).label(
+                    "denoised"
+                ),
+                count(InstanceState.DELIVERED.value).label("delivered"),
+                count(InstanceState.FAILED.value).label("failed"),
+            )
+            .group_by(i.job_id)
+            .subquery()
+        )
+        q = (
+            sa.select(
+                jobs, counts.c.received, counts.c.denoised, counts.c.delivered, counts.c.failed
+            )
+            .select_from(jobs.outerjoin(counts, counts.c.job_id == j.id))
+            .order_by(j.id.desc())
+            .limit(limit)
+        )
+        if job_id is not None:
+            q = q.where(j.id == job_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [
+            JobRow(
+                id=r["id"],
+                series_uid=r["series_uid"],
+                study_uid=r["study_uid"],
+                round=r["round"],
+                state=r["state"],
+                attempts=r["attempts"],
+                last_error=r["last_error"],
+                model_version=r["model_version"],
+                received=int(r["received"] or 0),
+                denoised=int(r["denoised"] or 0),
+                delivered=int(r["delivered"] or 0),
+                failed=int(r["failed"] or 0),
+                quality=json.loads(r["quality"]) if r["quality"] else None,
+                flagged=bool(r["flagged"]),
+                created_at=r["created_at"],
+                updated_at=r["updated_at"],
+            )
+            for r in rows
+        ]
+
+    def count_instances(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(instances)).scalar_one())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+__all__ = [
+    "InstanceState",
+    "IntegrityError",
+    "JobRow",
+    "JobState",
+    "OperationalError",
+    "Queue",
+    "instances",
+    "jobs",
+    "metadata",
+]

@@ -1,0 +1,368 @@
+"""Intake with the real DCMTK tools: transfer syntaxes, allow-list, TLS, refusals, crashes."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from pacs_node.intake import TRANSFER_SYNTAXES
+from tests.conftest import (
+    PATIENT_ID,
+    PATIENT_NAME,
+    NodeProcess,
+    make_series,
+    require_tool,
+    run_tool,
+    wait_for,
+)
+
+JPEG_SV1, JPEG_P14 = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"
+JPEG_LS, J2K, RLE = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+
+
+def stored_files(node: NodeProcess) -> list[Path]:
+    return sorted((node.tmp / "var" / "received").glob("*/*.dcm"))
+
+
+def db_sop_uids(node: NodeProcess) -> set[str]:
+    with sqlite3.connect(node.tmp / "var" / "jobs.sqlite") as con:
+        return {r[0] for r in con.execute("SELECT sop_instance_uid FROM instances")}
+
+
+def transcode(src: list[Path], dest: Path, tool: list[str]) -> list[Path]:
+    dest.mkdir(parents=True)
+    out = []
+    for p in src:
+        target = dest / p.name
+        subprocess.run([*tool, str(p), str(target)], check=True, capture_output=True)
+        out.append(target)
+    return out
+
+
+def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) -> None:
+    node = node_factory().start()
+    plain = make_series(tmp_path / "plain", n=50, size=64, seed=1)
+    variants = {
+        "1.2.840.10008.1.2.1": plain,
+        JPEG_SV1: transcode(
+            make_series(tmp_path / "s2", 50, 64, 2),
+            tmp_path / "jsv1",
+            [require_tool("dcmcjpeg"), "+e1"],
+        ),
+        JPEG_P14: transcode(
+            make_series(tmp_path / "s3", 50, 64, 3),
+            tmp_path / "jp14",
+            [require_tool("dcmcjpeg"), "+el"],
+        ),
+        JPEG_LS: transcode(
+            make_series(tmp_path / "s4", 50, 64, 4), tmp_path / "jls", [require_tool("dcmcjpls")]
+        ),
+        J2K: transcode(
+            make_series(tmp_path / "s5", 50, 64, 5),
+            tmp_path / "j2k",
+            [require_tool("gdcmconv"), "--j2k"],
+        ),
+        RLE: transcode(
+            make_series(tmp_path / "s6", 50, 64, 6), tmp_path / "rle", [require_tool("dcmcrle")]
+        ),
+    }
+    scu_cfg = tmp_path / "storescu.cfg"
+    groups = "".join(f"[TS{i}]\nTransferSyntax1 = {ts}\n" for i, ts in enumerate(TRANSFER_SYNTAXES))
+    contexts = "".join(
+        f"PresentationContext{i + 1} = CTImageStorage\\TS{i}\n"
+        for i in range(len(TRANSFER_SYNTAXES))
+    )
+    scu_cfg.write_text(
+        f"[[TransferSyntaxes]]\n{groups}[[PresentationContexts]]\n[CT]\n{contexts}"
+        "[[Profiles]]\n[CT]\nPresentationContexts = CT\n"
+    )
+    for ts, files in variants.items():
+        assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == ts
+        # One CT context per accepted syntax: each file travels in its own transfer syntax.
+        res = node.storescu(*map(str, files), opts=("-xf", str(scu_cfg), "CT"))
+        assert res.returncode == 0, (ts, res.stderr)
+    stored = {pydicom.dcmread(p).SOPInstanceUID: p for p in stored_files(node)}
+    assert len(stored) == 300
+    for ts, files in variants.items():
+        for f in files[::7]:
+            sent = pydicom.dcmread(f)
+            got = pydicom.dcmread(stored[sent.SOPInstanceUID])
+            assert got.file_meta.TransferSyntaxUID == ts
+            assert got == sent  # every element, compressed pixel data included
+    jobs = node.status()
+    assert len(jobs) == 6
+    assert sorted(j["received"] for j in jobs) == [50] * 6
+    assert len({j["series_uid"] for j in jobs}) == 6
+
+
+def test_unknown_caller_and_wrong_called_ae_are_rejected(tmp_path: Path, node_factory) -> None:
+    node = node_factory().start()
+    files = make_series(tmp_path / "s", n=2)
+    assert node.storescu(*map(str, files), aet="INTRUDER").returncode != 0
+    assert node.storescu(*map(str, files), aec="NOT_US").returncode != 0
+    assert stored_files(node) == []
+    log = node.log()
+    assert "calling AE 'INTRUDER'" in log and "not in node.allowed_calling_ae_titles" in log
+    assert "called AE 'NOT_US'" in log
+
+
+def _make_certs(d: Path) -> None:
+    openssl = require_tool("openssl")
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
+    for name in ("node", "client"):
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.crt",
+            "-days",
+            "2",
+            "-extfile",
+            f"{name}.ext",
+        )
+
+
+def test_tls_stores_and_refuses_plain(tmp_path: Path, node_factory) -> None:
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    _make_certs(certs)
+    node = node_factory(
+        f'[node.tls]\ncertificate = "{certs}/node.crt"\nprivate_key = "{certs}/node.key"\n'
+        f'ca_certificates = "{certs}/ca.crt"\nrequire_client_certificate = true\n'
+    )
+    # [node.tls] must follow [node]'s keys: rewrite the config with the table at the end
+    text = node.config.read_text()
+    node.config.write_text(
+        text.replace("[storage]\nmin_free_bytes = 0\n", "").replace(
+            "[node.tls]", "[storage]\nmin_free_bytes = 0\n[node.tls]"
+        )
+    )
+    node.start()
+    files = make_series(tmp_path / "s", n=3)
+    tls = (
+        "+tls",
+        str(certs / "client.key"),
+        str(certs / "client.crt"),
+        "+cf",
+        str(certs / "ca.crt"),
+    )
+    ok = node.storescu(*map(str, files), opts=tls)
+    assert ok.returncode == 0, ok.stderr + ok.stdout
+    assert len(stored_files(node)) == 3
+    plain = node.storescu(*map(str, make_series(tmp_path / "p", n=1, seed=2)), timeout=60)
+    assert plain.returncode != 0
+    assert len(stored_files(node)) == 3
+
+
+def _seg_file(path: Path) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "SEG"
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = b"\0" * 8
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_non_ct_and_broken_instances_are_refused_and_leave_nothing(
+    tmp_path: Path, node_factory
+) -> None:
+    from pydicom.data import get_testdata_file
+
+    node = node_factory().start()
+    mr = tmp_path / "mr.dcm"
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm", download=False))
+    ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
+    ds.save_as(mr)
+    seg = _seg_file(tmp_path / "seg.dcm")
+    nopix_path, baduid_path = make_series(tmp_path / "ct", n=2)
+    nopix = pydicom.dcmread(nopix_path)
+    del nopix.PixelData
+    nopix.save_as(nopix_path)
+    bad = pydicom.dcmread(baduid_path)
+    bad.SeriesInstanceUID = "1.2.840.10008.abc.01"
+    bad.save_as(baduid_path)
+    expected = {
+        mr: "0x0122",
+        seg: "0x0122",
+        nopix_path: "PixelData is missing",
+        baduid_path: "SeriesInstanceUID is not a valid UID",
+    }
+    for path, reason in expected.items():
+        res = node.storescu(str(path), opts=("-R",))  # -R: propose the file's own SOP class
+        assert res.returncode != 0, path
+        assert reason in node.log(), (path, node.log())
+    assert stored_files(node) == []
+    assert list((node.tmp / "var" / "tmp").iterdir()) == []
+    assert db_sop_uids(node) == set()
+    log = node.log()
+    assert PATIENT_NAME.split("^")[0] not in log and PATIENT_ID not in log
+    assert log.count("refused with") == 4
+
+
+def _successes(storescu_stdout: str) -> int:
+    return len(re.findall(r"Received Store Response \(Success\)", storescu_stdout))
+
+
+def test_sigkill_during_transfer_loses_nothing_acknowledged(tmp_path: Path, node_factory) -> None:
+    node = node_factory().start()
+    files = make_series(tmp_path / "s", n=200, size=128)
+    sender = subprocess.Popen(
+        [
+            require_tool("storescu"),
+            "-v",
+            "-aet",
+            "STORESCU",
+            "-aec",
+            "LDCT_DENOISE",
+            "127.0.0.1",
+            str(node.port),
+            *map(str, files),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+    )
+    wait_for(
+        lambda: len(db_sop_uids(node)) >= 60 if (node.tmp / "var/jobs.sqlite").exists() else False,
+        60,
+        "60 instances",
+    )
+    node.kill()
+    out, _ = sender.communicate(timeout=60)
+    acked = _successes(out)
+    assert 0 < acked < 200, out[-2000:]
+    acked_uids = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files[:acked]}
+    on_disk = {p.stem for p in stored_files(node)}
+    assert acked_uids <= db_sop_uids(node)
+    assert acked_uids <= on_disk
+    # restarted, the rest of the series joins the same job
+    node.start()
+    rest = node.storescu(*map(str, files[acked:]))
+    assert rest.returncode == 0, rest.stderr
+    jobs = node.status()
+    assert len(jobs) == 1 and jobs[0]["received"] == 200
+    assert list((node.tmp / "var" / "tmp").iterdir()) == []
+
+
+def test_four_concurrent_senders(tmp_path: Path, node_factory) -> None:
+    node = node_factory().start()
+    series = [make_series(tmp_path / f"s{i}", n=100, size=64, seed=10 + i) for i in range(4)]
+    results: list[subprocess.CompletedProcess[str]] = []
+
+    def send(files: list[Path]) -> None:
+        results.append(node.storescu(*map(str, files)))
+
+    threads = [threading.Thread(target=send, args=(s,)) for s in series]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    assert len(db_sop_uids(node)) == 400 and len(stored_files(node)) == 400
+    assert sorted(j["received"] for j in node.status()) == [100] * 4
+    log = node.log().lower()
+    assert "locked" not in log and "error" not in log
+
+
+def test_same_instance_again_replaces_and_done_series_starts_new_round(
+    tmp_path: Path, node_factory
+) -> None:
+    node = node_factory().start()
+    files = make_series(tmp_path / "s", n=3)
+    assert node.storescu(*map(str, files)).returncode == 0
+    assert node.storescu(str(files[0])).returncode == 0
+    jobs = node.status()
+    assert len(jobs) == 1 and jobs[0]["received"] == 3
+    with sqlite3.connect(node.tmp / "var" / "jobs.sqlite") as con:
+        con.execute("UPDATE jobs SET state='done'")
+    assert node.storescu(str(files[1])).returncode == 0
+    jobs = node.status()
+    assert [(j["round"], j["state"], j["received"]) for j in jobs] == [
+        (2, "receiving", 1),
+        (1, "done", 2),
+    ]
+
+
+def test_disk_watermark_answers_out_of_resources(tmp_path: Path, node_factory) -> None:
+    node = node_factory()
+    node.config.write_text(
+        node.config.read_text().replace("min_free_bytes = 0", "min_free_bytes = 1000000000000000")
+    )
+    node.start()
+    res = node.storescu(str(make_series(tmp_path / "s", n=1)[0]))
+    assert res.returncode != 0
+    assert "0xA700" in node.log() and "min_free_bytes" in node.log()
+    assert stored_files(node) == []
+
+
+def test_echo_still_works_with_storage(node_factory) -> None:
+    node = node_factory().start()
+    res = run_tool(
+        require_tool("echoscu"),
+        "-aet",
+        "STORESCU",
+        "-aec",
+        "LDCT_DENOISE",
+        "127.0.0.1",
+        str(node.port),
+    )
+    assert res.returncode == 0
+    time.sleep(0)

@@ -68,10 +68,7 @@ def check_config(config: ConfigOption = None) -> None:
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
-@app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Run the Storage SCP (C-ECHO, C-STORE) until SIGTERM or Ctrl-C."""
-    cfg = load_config(config)
+def _run_until_signal(cfg: config_mod.Config, receive: bool, workers: int | None) -> None:
     log.setup(cfg.logging.level, cfg.logging.format)
     from pacs_node.node import Node  # heavy imports only for the verbs that need them
 
@@ -83,11 +80,12 @@ def serve(config: ConfigOption = None) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    node = Node(cfg, receive=receive, workers=workers)
     try:
-        node = Node(cfg)
         node.start()
     except Exception as err:  # a start-up failure is the admin's to fix: one line, no traceback
         logger.debug("start-up failed", exc_info=True)
+        node.stop()
         raise _fail(f"cannot start: {err}", 1) from None
     try:
         while not stop.wait(0.5):
@@ -95,6 +93,75 @@ def serve(config: ConfigOption = None) -> None:
     finally:
         node.stop()
     logger.info("stopped")
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the Storage SCP and the denoising workers until SIGTERM or Ctrl-C."""
+    cfg = load_config(config)
+    _run_until_signal(cfg, receive=True, workers=None)
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    count: Annotated[
+        int | None, typer.Option(help="workers to run [default: worker.count]")
+    ] = None,
+) -> None:
+    """Run denoising workers only (no SCP), sharing the job table: for scale-out."""
+    cfg = load_config(config)
+    _run_until_signal(cfg, receive=False, workers=max(1, count or cfg.worker.count))
+
+
+@app.command()
+def retry(
+    job: Annotated[int, typer.Argument(help="job id, from `pacs-node status`")],
+    config: ConfigOption = None,
+) -> None:
+    """Requeue a failed job (attempts reset); a retry sends only what was not delivered."""
+    cfg = load_config(config)
+    from pacs_node.queue import Queue
+
+    queue = Queue(cfg.queue.database_url)
+    try:
+        queue.migrate()
+        if not queue.retry(job):
+            rows = queue.list_jobs(job_id=job)
+            state = rows[0].state if rows else None
+            raise _fail(
+                f"job {job} " + (f"is {state}, not failed" if state else "does not exist"), 1
+            )
+    finally:
+        queue.dispose()
+    typer.echo(f"job {job} requeued")
+
+
+@app.command()
+def denoise(
+    in_dir: Annotated[Path, typer.Argument(help="folder of CT DICOM files (read recursively)")],
+    out_dir: Annotated[Path, typer.Argument(help="where the derived series are written")],
+    config: ConfigOption = None,
+) -> None:
+    """Run the node's decode -> denoise -> derive path on a folder, without the network."""
+    cfg = load_config(config)
+    log.setup(cfg.logging.level, cfg.logging.format)
+    if not in_dir.is_dir():
+        raise _fail(f"{in_dir}: not a folder")
+    from pacs_node.worker import denoise_folder, load_denoiser
+    from unit_model.checkpoint import CheckpointError
+
+    try:
+        den = load_denoiser(cfg)
+    except CheckpointError as err:
+        raise _fail(f"no usable model checkpoint: {err}", 1) from None
+    results = denoise_folder(in_dir, out_dir, cfg, den)
+    for series, (n, q) in results.items():
+        figures = (
+            f"bias {q.hu_bias:+.1f} HU, noise {q.noise_in:.1f} -> {q.noise_out:.1f} HU" if q else ""
+        )
+        typer.echo(f"{series}: {n} instances {figures}")
+    typer.echo(f"written to {out_dir}")
 
 
 @app.command()

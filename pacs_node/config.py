@@ -120,6 +120,15 @@ class OutputConfig(_Section):
     series_description_suffix: str = " (UNIT denoised)"
 
 
+class WorkerConfig(_Section):
+    count: int = Field(default=1, ge=0, le=64)
+
+
+class QualityConfig(_Section):
+    max_hu_bias: float = Field(default=10.0, gt=0)
+    forward_on_failure: bool = False
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -132,6 +141,8 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     destination: DestinationConfig = DestinationConfig()
     output: OutputConfig = OutputConfig()
+    worker: WorkerConfig = WorkerConfig()
+    quality: QualityConfig = QualityConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(default=None, exclude=True)
     """The file this was read from (None for the embedded defaults)."""

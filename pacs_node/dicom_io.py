@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import datetime
+import uuid
+
 import numpy as np
 from pydicom.dataset import Dataset
 
@@ -49,3 +53,106 @@ def hu_to_stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:
     if int(ds.BitsAllocated) != 16:
         raise PermanentError(f"BitsAllocated {ds.BitsAllocated} is not supported (16 only)")
     return np.clip(stored, lo, hi).astype(dtype)
+
+
+# -- the derived instance ----------------------------------------------------------------------
+
+SOFTWARE = "ldct-pacs-node"
+SMOOTHING = ("113087", "DCM", "Smoothing")  # CID 7203 Image Derivation
+
+
+def _values(value: object) -> list[str]:
+    """A DICOM value (absent, single or multi-valued) as a list of strings."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+_UID_NAMESPACE = uuid.UUID("5c1b6f0e-7a64-4c1e-9f1e-3b8d2f6a0c11")
+
+
+def derived_uid(source_uid: str, model_version: str, kind: str) -> str:
+    """A UID derived deterministically from a source UID and the model version: the 2.25 form
+    of a name-based (v5) UUID, so reprocessing yields the same UIDs."""
+    name = f"{SOFTWARE}|{kind}|{source_uid}|{model_version}"
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def derive(
+    source: Dataset,
+    hu: np.ndarray,
+    *,
+    model_version: str,
+    software_version: str,
+    series_number_offset: int,
+    series_description_suffix: str,
+    now: datetime.datetime | None = None,
+) -> Dataset:
+    """The denoised counterpart of ``source`` holding ``hu``: same patient, study and geometry;
+    a new series; DERIVED\\SECONDARY with its provenance; Explicit VR Little Endian."""
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    now = now or datetime.datetime.now()
+    ds = copy.deepcopy(source)
+    ds.file_meta = copy.deepcopy(source.file_meta)
+    stored = hu_to_stored(hu, source)
+    src_series, src_sop = str(source.SeriesInstanceUID), str(source.SOPInstanceUID)
+    ds.SeriesInstanceUID = derived_uid(src_series, model_version, "series")
+    ds.SOPInstanceUID = derived_uid(src_sop, model_version, "instance")
+    number = source.get("SeriesNumber")
+    ds.SeriesNumber = (int(number) if number not in (None, "") else 0) + series_number_offset
+    ds.SeriesDescription = (str(source.get("SeriesDescription", "")) + series_description_suffix)[
+        :64
+    ]
+    image_type = list(source.get("ImageType", []) or [])
+    ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
+    ds.DerivationDescription = (
+        f"Low-dose CT denoised by a UNIT generator, model {model_version}, "
+        f"{SOFTWARE} {software_version}"
+    )[:1024]
+    ds.DerivationCodeSequence = Sequence([_code(*SMOOTHING)])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src_sop
+    ref.PurposeOfReferenceCodeSequence = Sequence(
+        [_code("121320", "DCM", "Uncompressed predecessor")]
+    )
+    ds.SourceImageSequence = Sequence([ref])
+    equipment = Dataset()
+    equipment.Manufacturer = SOFTWARE
+    equipment.ManufacturerModelName = "UNIT low-dose CT denoiser"
+    equipment.SoftwareVersions = [software_version, f"model {model_version}"]
+    equipment.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    equipment.ContributionDescription = "Denoising of low-dose CT"
+    equipment.PurposeOfReferenceCodeSequence = Sequence(
+        [_code("109103", "DCM", "Modifying Equipment")]
+    )
+    previous = list(source.get("ContributingEquipmentSequence", []) or [])
+    ds.ContributingEquipmentSequence = Sequence([*previous, equipment])
+    ds.SoftwareVersions = [
+        *_values(source.get("SoftwareVersions")),
+        f"{SOFTWARE} {software_version}",
+    ]
+    ds.BurnedInAnnotation = "NO"
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.ContentDate, ds.ContentTime = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationVersionName = f"LDCT_{software_version}"[:16]
+    for elem in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if elem in ds:
+            delattr(ds, elem)
+    return ds

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import pydicom
 
 from pacs_node.config import Config
+from pacs_node.errors import PermanentError
 from pacs_node.intake import TRANSFER_SYNTAXES, Intake
 from pacs_node.queue import Queue
 from pacs_node.scp import StorageSCP
 from pacs_node.storage import Storage, valid_uid
+from pacs_node.worker import Worker, load_denoiser
+from unit_model.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +52,53 @@ def recover(storage: Storage, queue: Queue) -> int:
 
 
 class Node:
-    def __init__(self, config: Config) -> None:
+    """``receive``: run the Storage SCP; ``workers``: how many denoising workers to run."""
+
+    def __init__(self, config: Config, receive: bool = True, workers: int | None = None) -> None:
         self.config = config
         self.storage = Storage(config.storage.data_dir, config.storage.min_free_bytes)
         self.queue = Queue(config.queue.database_url)
         self.intake = Intake(self.storage, self.queue)
-        self.scp = StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES)
+        self.scp = (
+            StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES) if receive else None
+        )
+        self.n_workers = config.worker.count if workers is None else workers
+        self.workers: list[Worker] = []
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
 
     def start(self) -> None:
+        """Load the model first: a node that cannot denoise refuses to start, before it accepts
+        data it could never process."""
+        denoiser = None
+        if self.n_workers:
+            try:
+                denoiser = load_denoiser(self.config)
+            except CheckpointError as err:
+                raise PermanentError(f"no usable model checkpoint: {err}") from None
+            logger.info(
+                "model %s loaded on %s (%s)",
+                denoiser.model_version,
+                denoiser.device,
+                str(denoiser.dtype).removeprefix("torch."),
+            )
         self.queue.migrate()
-        recover(self.storage, self.queue)
-        self.scp.start()
+        if self.scp is not None:
+            recover(self.storage, self.queue)
+            self.scp.start()
+        for n in range(self.n_workers):
+            assert denoiser is not None
+            w = Worker(self.config, self.queue, self.storage, denoiser)
+            w.name = f"{w.name}/{n}"
+            t = threading.Thread(target=w.run, args=(self._stop,), name=f"worker-{n}", daemon=True)
+            t.start()
+            self.workers.append(w)
+            self._threads.append(t)
 
     def stop(self) -> None:
-        self.scp.stop()
+        if self.scp is not None:
+            self.scp.stop()
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
         self.queue.dispose()

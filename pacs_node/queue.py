@@ -106,6 +106,19 @@ instances = sa.Table(
 )
 
 
+class LostClaim(Exception):
+    """The job was requeued (the reaper judged this worker dead) or changed under us."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    job_id: int
+    series_uid: str
+    study_uid: str
+    attempts: int
+    worker: str
+
+
 @dataclass(frozen=True)
 class JobRow:
     id: int
@@ -288,6 +301,228 @@ class Queue:
                 ).rowcount
             )
 
+    # -- workers ----------------------------------------------------------------------------
+    def claim(self, worker: str, quiet_seconds: float, now: float | None = None) -> Claim | None:
+        """Atomically take the oldest ready job (or a quiet receiving one) whose retry time has
+        come; None when there is none."""
+        now = time.time() if now is None else now
+        j = jobs.c
+        eligible = sa.or_(
+            j.state == JobState.READY.value,
+            sa.and_(j.state == JobState.RECEIVING.value, j.last_instance_at <= now - quiet_seconds),
+        )
+        pick = sa.select(j.id).where(eligible, j.next_attempt_at <= now).order_by(j.id).limit(1)
+        if self.is_postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (
+            jobs.update()
+            .where(j.id == pick.scalar_subquery(), eligible)
+            .values(
+                state=JobState.RUNNING.value,
+                worker=worker,
+                heartbeat_at=now,
+                attempts=j.attempts + 1,
+                updated_at=now,
+            )
+            .returning(j.id, j.series_uid, j.study_uid, j.attempts)
+        )
+        with self.transaction() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return None
+        return Claim(int(row.id), row.series_uid, row.study_uid, int(row.attempts), worker)
+
+    def _guarded(self, conn: Connection, claim: Claim, **values: Any) -> None:
+        j = jobs.c
+        n = conn.execute(
+            jobs.update()
+            .where(
+                j.id == claim.job_id,
+                j.worker == claim.worker,
+                j.state.in_([JobState.RUNNING.value, JobState.FORWARDING.value]),
+            )
+            .values(updated_at=time.time(), **values)
+        ).rowcount
+        if not n:
+            raise LostClaim(f"job {claim.job_id} is no longer held by {claim.worker}")
+
+    def heartbeat(self, claim: Claim) -> None:
+        with self.transaction() as conn:
+            self._guarded(conn, claim, heartbeat_at=time.time())
+
+    def reap(self, stale_after: float, now: float | None = None) -> int:
+        """Requeue running/forwarding jobs whose worker has not beaten for ``stale_after``."""
+        now = time.time() if now is None else now
+        j = jobs.c
+        with self.transaction() as conn:
+            n = conn.execute(
+                jobs.update()
+                .where(
+                    j.state.in_([JobState.RUNNING.value, JobState.FORWARDING.value]),
+                    j.heartbeat_at < now - stale_after,
+                )
+                .values(
+                    state=JobState.READY.value,
+                    worker=None,
+                    updated_at=now,
+                    last_error="worker stopped beating; requeued",
+                )
+            ).rowcount
+        if n:
+            logger.warning("requeued %d job(s) whose worker went silent", n)
+        return int(n)
+
+    def pending_instances(
+        self, claim: Claim, state: InstanceState
+    ) -> list[tuple[int, str, str | None]]:
+        """(id, path, derived_path) of the job's instances in ``state``."""
+        i = instances.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(i.id, i.path, i.derived_path)
+                .where(i.job_id == claim.job_id, i.state == state.value)
+                .order_by(i.id)
+            ).all()
+        return [(int(r.id), r.path, r.derived_path) for r in rows]
+
+    def mark_denoised(
+        self, claim: Claim, done: list[tuple[int, str, str]], model_version: str
+    ) -> None:
+        """[(instance id, derived uid, derived path)] -> denoised, in one transaction."""
+        now = time.time()
+        i = instances.c
+        with self.transaction() as conn:
+            self._guarded(conn, claim, heartbeat_at=now, model_version=model_version)
+            for iid, uid, path in done:
+                conn.execute(
+                    instances.update()
+                    .where(i.id == iid, i.state == InstanceState.RECEIVED.value)
+                    .values(
+                        state=InstanceState.DENOISED.value,
+                        derived_uid=uid,
+                        derived_path=path,
+                        updated_at=now,
+                    )
+                )
+
+    def mark_instance_failed(self, claim: Claim, iid: int, error: str) -> None:
+        i = instances.c
+        with self.transaction() as conn:
+            self._guarded(conn, claim)
+            conn.execute(
+                instances.update()
+                .where(i.id == iid)
+                .values(
+                    state=InstanceState.FAILED.value,
+                    last_error=error[:2000],
+                    updated_at=time.time(),
+                )
+            )
+
+    def mark_delivered(self, claim: Claim, ids: list[int]) -> None:
+        if not ids:
+            return
+        now = time.time()
+        i = instances.c
+        with self.transaction() as conn:
+            self._guarded(conn, claim, heartbeat_at=now)
+            conn.execute(
+                instances.update()
+                .where(i.id.in_(ids))
+                .values(state=InstanceState.DELIVERED.value, updated_at=now)
+            )
+
+    def set_state(self, claim: Claim, state: JobState, **values: Any) -> None:
+        with self.transaction() as conn:
+            self._guarded(conn, claim, state=state.value, **values)
+
+    def finish(self, claim: Claim) -> JobState:
+        """forwarding -> done, or -> ready when instances arrived meanwhile."""
+        i = instances.c
+        with self.transaction() as conn:
+            left = conn.execute(
+                sa.select(sa.func.count())
+                .select_from(instances)
+                .where(i.job_id == claim.job_id, i.state == InstanceState.RECEIVED.value)
+            ).scalar_one()
+            state = JobState.READY if left else JobState.DONE
+            self._guarded(
+                conn,
+                claim,
+                state=state.value,
+                worker=None,
+                attempts=0,
+                last_error=None,
+                next_attempt_at=0,
+            )
+        return state
+
+    def defer(self, claim: Claim, error: str, delay: float, max_attempts: int) -> JobState:
+        """After a retryable error: back to ready after ``delay``, or failed at max_attempts."""
+        state = JobState.FAILED if claim.attempts >= max_attempts else JobState.READY
+        with self.transaction() as conn:
+            self._guarded(
+                conn,
+                claim,
+                state=state.value,
+                worker=None,
+                last_error=error[:2000],
+                next_attempt_at=time.time() + delay,
+            )
+        return state
+
+    def release(self, claim: Claim) -> None:
+        """Give a job back untouched (worker shutting down); its attempt is not counted."""
+        j = jobs.c
+        with self.transaction() as conn:
+            self._guarded(
+                conn,
+                claim,
+                state=JobState.READY.value,
+                worker=None,
+                attempts=sa.func.max(j.attempts - 1, 0)
+                if not self.is_postgres
+                else sa.func.greatest(j.attempts - 1, 0),
+            )
+
+    def fail(self, claim: Claim, error: str, **values: Any) -> None:
+        with self.transaction() as conn:
+            self._guarded(
+                conn,
+                claim,
+                state=JobState.FAILED.value,
+                worker=None,
+                last_error=error[:2000],
+                **values,
+            )
+
+    def retry(self, job_id: int) -> bool:
+        """A failed job back to ready with its attempts reset (``pacs-node retry``)."""
+        j = jobs.c
+        with self.transaction() as conn:
+            n = conn.execute(
+                jobs.update()
+                .where(j.id == job_id, j.state == JobState.FAILED.value)
+                .values(
+                    state=JobState.READY.value,
+                    attempts=0,
+                    next_attempt_at=0,
+                    updated_at=time.time(),
+                )
+            ).rowcount
+            if n:
+                i = instances.c
+                conn.execute(
+                    instances.update()
+                    .where(
+                        i.job_id == job_id,
+                        i.state == InstanceState.FAILED.value,
+                        i.derived_path.is_(None),
+                    )
+                    .values(state=InstanceState.RECEIVED.value, last_error=None)
+                )
+        return bool(n)
+
     # -- reporting --------------------------------------------------------------------------
     def list_jobs(self, job_id: int | None = None, limit: int = 200) -> list[JobRow]:
         j, i = jobs.c, instances.c
@@ -351,10 +586,12 @@ class Queue:
 
 
 __all__ = [
+    "Claim",
     "InstanceState",
     "IntegrityError",
     "JobRow",
     "JobState",
+    "LostClaim",
     "OperationalError",
     "Queue",
     "instances",

@@ -300,6 +300,8 @@ class Trainer:
                         if new_log:
                             writer.writeheader()
                     writer.writerow(row)
+                    if self.iteration % 10 == 0:
+                        logf.flush()
                     progress.update(
                         task,
                         advance=1,

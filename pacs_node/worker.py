@@ -1,0 +1,360 @@
+"""The worker loop: claim -> read -> denoise -> gate -> derive -> forward.
+
+A job is processed in chunks of slices, so memory stays flat for long series and the database
+records progress as it goes: a worker killed mid-job leaves every finished instance marked, and
+whoever takes the job next (after the heartbeat goes stale) does only what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from pacs_node import __version__
+from pacs_node.config import Config
+from pacs_node.dicom_io import derive, read_hu
+from pacs_node.errors import PermanentError, RetryableError
+from pacs_node.forward import Forwarder
+from pacs_node.quality import QualityFigures, find_uniform_regions
+from pacs_node.queue import Claim, InstanceState, JobState, LostClaim, Queue
+from pacs_node.storage import Storage
+from unit_model.denoiser import Denoiser
+
+logger = logging.getLogger(__name__)
+
+
+class Interrupted(Exception):
+    """The worker is shutting down: the job goes back to the queue as it is."""
+
+
+@dataclass
+class SeriesQuality:
+    """Accumulates the gate's figures over the chunks of one job."""
+
+    bias: list[float] = field(default_factory=list)
+    noise_in: list[float] = field(default_factory=list)
+    noise_out: list[float] = field(default_factory=list)
+
+    def add(self, hu_in: np.ndarray, hu_out: np.ndarray) -> None:
+        for k, r, c, h in find_uniform_regions(hu_in, per_slice=1):
+            a = hu_in[k, r - h : r + h, c - h : c + h]
+            b = hu_out[k, r - h : r + h, c - h : c + h]
+            self.bias.append(float(np.mean(b - a)))
+            self.noise_in.append(float(np.std(a)))
+            self.noise_out.append(float(np.std(b)))
+
+    def figures(self) -> QualityFigures | None:
+        if not self.bias:
+            return None
+        return QualityFigures(
+            float(np.mean(self.bias)),
+            float(np.mean(self.noise_in)),
+            float(np.mean(self.noise_out)),
+            len(self.bias),
+        )
+
+
+def load_denoiser(config: Config) -> Denoiser:
+    m = config.model
+    return Denoiser.from_checkpoint(
+        m.checkpoint,
+        device=m.device,
+        precision=m.precision,
+        batch_size=m.batch_size,
+        compile=m.compile,
+    )
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        queue: Queue,
+        storage: Storage,
+        denoiser: Denoiser,
+        name: str | None = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.storage = storage
+        self.denoiser = denoiser
+        self.forwarder = Forwarder(config.destination)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+        self.stats = {"jobs_done": 0, "jobs_failed": 0, "slices": 0, "denoise_seconds": 0.0}
+        self.stopping = threading.Event()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event, poll: float = 0.5) -> None:
+        self.stopping = stop
+        q = self.config.queue
+        while not stop.is_set():
+            try:
+                self.queue.reap(q.stale_after_seconds)
+                claim = self.queue.claim(self.name, q.series_quiet_seconds)
+            except Exception:
+                logger.exception("job table unavailable; retrying")
+                stop.wait(5)
+                continue
+            if claim is None:
+                stop.wait(poll)
+                continue
+            self.process(claim)
+
+    def run_once(self) -> bool:
+        """Process one job if one is ready (for tests and `denoise`); True if one was."""
+        claim = self.queue.claim(self.name, self.config.queue.series_quiet_seconds)
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    def process(self, claim: Claim) -> None:
+        beat = threading.Event()
+        pulse = threading.Thread(target=self._heartbeat, args=(claim, beat), daemon=True)
+        pulse.start()
+        log = {"job_id": claim.job_id}
+        try:
+            logger.info(
+                "job %d: series %s, attempt %d",
+                claim.job_id,
+                claim.series_uid,
+                claim.attempts,
+                extra=log,
+            )
+            quality = self._denoise(claim)
+            if quality is not None and not self._gate(claim, quality):
+                return
+            self.queue.set_state(claim, JobState.FORWARDING)
+            self._forward(claim)
+            state = self.queue.finish(claim)
+            if state == JobState.DONE:
+                self._retain(claim)
+                self.stats["jobs_done"] += 1
+            logger.info("job %d: %s", claim.job_id, state.value, extra=log)
+        except LostClaim as err:
+            logger.warning("job %d: %s; leaving it", claim.job_id, err, extra=log)
+        except Interrupted:
+            with contextlib.suppress(LostClaim):
+                self.queue.release(claim)
+            logger.info("job %d: shutting down, returned to the queue", claim.job_id, extra=log)
+        except RetryableError as err:
+            d = self.config.destination
+            delay = min(
+                d.retry_backoff_seconds * 2 ** (claim.attempts - 1), d.retry_backoff_max_seconds
+            )
+            try:
+                state = self.queue.defer(claim, str(err), delay, d.max_attempts)
+            except LostClaim:
+                return
+            if state == JobState.FAILED:
+                self.stats["jobs_failed"] += 1
+                logger.error(
+                    "job %d failed after %d attempts: %s",
+                    claim.job_id,
+                    claim.attempts,
+                    err,
+                    extra=log,
+                )
+            else:
+                logger.warning("job %d: %s; retry in %.0f s", claim.job_id, err, delay, extra=log)
+        except Exception as err:  # a permanent error, or a bug: fail the job, keep the node up
+            if not isinstance(err, PermanentError):
+                logger.exception("job %d: unexpected error", claim.job_id, extra=log)
+            try:
+                self.queue.fail(claim, f"{type(err).__name__}: {err}")
+            except LostClaim:
+                return
+            self.stats["jobs_failed"] += 1
+            logger.error("job %d failed: %s", claim.job_id, err, extra=log)
+        finally:
+            beat.set()
+            pulse.join()
+
+    def _heartbeat(self, claim: Claim, stop: threading.Event) -> None:
+        while not stop.wait(self.config.queue.heartbeat_seconds):
+            try:
+                self.queue.heartbeat(claim)
+            except LostClaim:
+                return
+            except Exception:
+                logger.warning("job %d: heartbeat failed", claim.job_id, exc_info=True)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _denoise(self, claim: Claim) -> QualityFigures | None:
+        """Denoise every received instance of the job; return the gate's figures (None if there
+        was nothing new)."""
+        pending = self.queue.pending_instances(claim, InstanceState.RECEIVED)
+        if not pending:
+            return None
+        quality = SeriesQuality()
+        chunk = max(self.config.model.batch_size, 16)
+        for start in range(0, len(pending), chunk):
+            if self.stopping.is_set():
+                raise Interrupted
+            part = pending[start : start + chunk]
+            sources, hu, ids = [], [], []
+            for iid, path, _ in part:
+                try:
+                    ds = pydicom.dcmread(path)
+                    slice_hu = read_hu(ds)
+                except (PermanentError, OSError, pydicom.errors.InvalidDicomError) as err:
+                    self.queue.mark_instance_failed(claim, iid, str(err))
+                    logger.error("job %d: instance %d cannot be read: %s", claim.job_id, iid, err)
+                    continue
+                sources.append(ds)
+                hu.append(slice_hu)
+                ids.append(iid)
+            done = []
+            for shape in {h.shape for h in hu}:  # a series may mix matrix sizes
+                sel = [k for k, h in enumerate(hu) if h.shape == shape]
+                batch = np.stack([hu[k] for k in sel])
+                t0 = time.perf_counter()
+                out = self.denoiser.denoise_hu(batch)
+                self.stats["denoise_seconds"] += time.perf_counter() - t0
+                self.stats["slices"] += len(sel)
+                quality.add(batch, out)
+                for n, k in enumerate(sel):
+                    done.append(self._write_derived(claim, ids[k], sources[k], out[n]))
+            self.queue.mark_denoised(claim, done, self.denoiser.model_version)
+        figures = quality.figures()
+        return (
+            figures
+            if figures is not None
+            else QualityFigures(float("nan"), float("nan"), float("nan"), 0)
+        )
+
+    def _write_derived(
+        self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray
+    ) -> tuple[int, str, str]:
+        out = self.config.output
+        ds = derive(
+            source,
+            hu,
+            model_version=self.denoiser.model_version,
+            software_version=__version__,
+            series_number_offset=out.series_number_offset,
+            series_description_suffix=out.series_description_suffix,
+        )
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        path = self.storage.derived_path(claim.job_id, str(ds.SOPInstanceUID))
+        self.storage.write_atomic(path, buf.getvalue())
+        return iid, str(ds.SOPInstanceUID), str(path)
+
+    def _gate(self, claim: Claim, q: QualityFigures) -> bool:
+        """Store the figures; hold the series (fail the job) if they are out of bounds."""
+        cfg = self.config.quality
+        problems = []
+        if q.regions and abs(q.hu_bias) > cfg.max_hu_bias:
+            problems.append(
+                f"|HU bias| {abs(q.hu_bias):.1f} > quality.max_hu_bias {cfg.max_hu_bias}"
+            )
+        if q.regions and not q.noise_out < q.noise_in:
+            problems.append(
+                f"noise SD {q.noise_out:.1f} HU is not below the input's {q.noise_in:.1f}"
+            )
+        record = json.dumps(q.to_dict())
+        if not q.regions:  # nothing to measure on: forward, flagged, rather than hold blindly
+            logger.warning("job %d: no uniform region to measure; forwarding flagged", claim.job_id)
+            self.queue.set_state(claim, JobState.RUNNING, quality=record, flagged=True)
+            return True
+        if problems and not cfg.forward_on_failure:
+            self.queue.fail(claim, "quality gate: " + "; ".join(problems), quality=record)
+            self.stats["jobs_failed"] += 1
+            logger.error("job %d held by the quality gate: %s", claim.job_id, "; ".join(problems))
+            return False
+        self.queue.set_state(claim, JobState.RUNNING, quality=record, flagged=bool(problems))
+        if problems:
+            logger.warning(
+                "job %d: quality gate failed but quality.forward_on_failure is set: %s",
+                claim.job_id,
+                "; ".join(problems),
+            )
+        return True
+
+    def _forward(self, claim: Claim) -> None:
+        pending = self.queue.pending_instances(claim, InstanceState.DENOISED)
+        batch: list[int] = []
+
+        def delivered(iid: int, _status: int) -> None:
+            batch.append(iid)
+            if len(batch) >= 16:
+                self.queue.mark_delivered(claim, batch)
+                batch.clear()
+
+        try:
+            self.forwarder.send(((iid, Path(str(dp))) for iid, _, dp in pending), delivered)
+        finally:
+            self.queue.mark_delivered(claim, batch)
+
+    def _retain(self, claim: Claim) -> None:
+        """Remove the job's delivered files unless storage.keep_days keeps them."""
+        if self.config.storage.keep_days > 0:
+            return
+        for _, path, derived in self.queue.pending_instances(claim, InstanceState.DELIVERED):
+            self.storage.remove(Path(path))
+            if derived:
+                self.storage.remove(Path(derived))
+
+
+def denoise_folder(
+    in_dir: Path, out_dir: Path, config: Config, denoiser: Denoiser
+) -> dict[str, tuple[int, QualityFigures | None]]:
+    """The worker's decode -> denoise -> derive path over a folder (no queue, no network).
+
+    Writes ``out_dir/<derived series UID>/<derived SOP UID>.dcm``; returns per source series the
+    instance count and the quality figures.
+    """
+    from collections import defaultdict
+
+    from pacs_node.storage import valid_uid
+
+    groups: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+    for path in sorted(p for p in in_dir.rglob("*") if p.is_file()):
+        try:
+            ds = pydicom.dcmread(path)
+        except (pydicom.errors.InvalidDicomError, OSError):
+            continue
+        if (
+            ds.get("Modality") == "CT"
+            and "PixelData" in ds
+            and valid_uid(str(ds.get("SeriesInstanceUID", "")))
+        ):
+            groups[str(ds.SeriesInstanceUID)].append(ds)
+    out = config.output
+    results: dict[str, tuple[int, QualityFigures | None]] = {}
+    for series, items in groups.items():
+        quality = SeriesQuality()
+        for start in range(0, len(items), 32):
+            part = items[start : start + 32]
+            hu = [read_hu(ds) for ds in part]
+            for shape in {h.shape for h in hu}:
+                sel = [k for k, h in enumerate(hu) if h.shape == shape]
+                batch = np.stack([hu[k] for k in sel])
+                res = denoiser.denoise_hu(batch)
+                quality.add(batch, res)
+                for n, k in enumerate(sel):
+                    d = derive(
+                        part[k],
+                        res[n],
+                        model_version=denoiser.model_version,
+                        software_version=__version__,
+                        series_number_offset=out.series_number_offset,
+                        series_description_suffix=out.series_description_suffix,
+                    )
+                    target = out_dir / str(d.SeriesInstanceUID) / f"{d.SOPInstanceUID}.dcm"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    d.save_as(target, enforce_file_format=True)
+        results[series] = (len(items), quality.figures())
+    return results

@@ -1,0 +1,202 @@
+"""The worker with real peers: DCMTK storescu in, Orthanc or a recording SCP out."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_node.dicom_io import derive, derived_uid, read_hu
+from tests.conftest import BIN, make_series, wait_for
+from tests.peers import RecordingSCP
+from unit_model import checkpoint as ckpt
+from unit_model.networks import GeneratorConfig, UnitGenerator
+from unit_model.transforms import HUWindow
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small, untrained, identity-initialised generator: fast, for pipeline mechanics."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ckpt.save(path, UnitGenerator(GeneratorConfig(filters=4, residual_output=True)), HUWindow())
+    return path
+
+
+def node_config(dest_port: int, checkpoint: Path | None, extra: str = "") -> str:
+    model = f'checkpoint = "{checkpoint}"\n' if checkpoint else ""
+    return (
+        f"[queue]\nseries_quiet_seconds = 0.5\nheartbeat_seconds = 0.5\nstale_after_seconds = 3\n"
+        f"[model]\n{model}batch_size = 8\n"
+        f'[destination]\nae_title = "PACS"\nport = {dest_port}\nretry_backoff_seconds = 0.5\n'
+        f"retry_backoff_max_seconds = 2\nmax_attempts = 30\ntimeout_seconds = 10\n{extra}"
+    )
+
+
+MECHANICS = "[quality]\nforward_on_failure = true\n"
+
+
+def test_derive_sets_provenance_and_keeps_geometry(tmp_path: Path) -> None:
+    src = pydicom.dcmread(make_series(tmp_path, n=1)[0])
+    hu = read_hu(src) - 5
+    d = derive(
+        src,
+        hu,
+        model_version="abc123def456",
+        software_version="0.1.0",
+        series_number_offset=1000,
+        series_description_suffix=" (UNIT denoised)",
+    )
+    assert d.StudyInstanceUID == src.StudyInstanceUID and d.PatientID == src.PatientID
+    assert d.SeriesInstanceUID != src.SeriesInstanceUID and d.SOPInstanceUID != src.SOPInstanceUID
+    assert d.SOPInstanceUID == derived_uid(src.SOPInstanceUID, "abc123def456", "instance")
+    assert d.SeriesNumber == src.SeriesNumber + 1000
+    assert d.SeriesDescription == "Low Dose Images (UNIT denoised)"
+    assert list(d.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert d.DerivationCodeSequence[0].CodeValue == "113087"
+    assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert "abc123def456" in d.DerivationDescription
+    assert d.ContributingEquipmentSequence[-1].Manufacturer == "ldct-pacs-node"
+    for key in (
+        "ImagePositionPatient",
+        "ImageOrientationPatient",
+        "PixelSpacing",
+        "SliceThickness",
+        "FrameOfReferenceUID",
+        "WindowCenter",
+        "WindowWidth",
+        "BitsStored",
+        "PixelRepresentation",
+        "RescaleSlope",
+        "RescaleIntercept",
+    ):
+        assert d[key].value == src[key].value, key
+    assert d.BurnedInAnnotation == "NO" and d.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    np.testing.assert_allclose(read_hu(d), np.clip(np.rint(hu), -1024, 3071))
+
+
+def test_pipeline_to_recording_scp_with_retries(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path
+) -> None:
+    """Destination answering 0xA700 first, then accepting: everything delivered, once."""
+    dest = RecordingSCP(fail_first=3).start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+        files = make_series(tmp_path / "s", n=12, noise_sd=10)
+        assert node.storescu(*map(str, files)).returncode == 0
+        wait_for(lambda: node.status()[0]["state"] == "done", 120, "job done")
+        assert len(dest.received) == 12 and dest.calls == 15
+        job = node.status()[0]
+        assert job["delivered"] == 12 and job["quality"]["regions"] > 0
+        assert "0xA700" in node.log()
+        # retention: files of a delivered job are gone
+        assert list((node.tmp / "var" / "received").glob("*/*.dcm")) == []
+        assert list((node.tmp / "var" / "derived").glob("*/*.dcm")) == []
+    finally:
+        dest.stop()
+
+
+def test_destination_down_then_up(tmp_path: Path, node_factory, tiny_checkpoint: Path) -> None:
+    dest = RecordingSCP()
+    node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+    files = make_series(tmp_path / "s", n=8, noise_sd=10)
+    assert node.storescu(*map(str, files)).returncode == 0
+    wait_for(lambda: node.status()[0]["attempts"] >= 2, 60, "failed attempts")
+    assert node.status()[0]["state"] in ("ready", "running", "forwarding")
+    assert "association" in (node.status()[0]["last_error"] or "")
+    time.sleep(max(0.0, 20 - 5))  # the destination stays down for ~20 s in all
+    dest.start()
+    try:
+        wait_for(lambda: node.status()[0]["state"] == "done", 60, "delivery")
+        assert len(dest.received) == 8
+    finally:
+        dest.stop()
+
+
+def test_failed_job_visible_and_retry_requeues(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path
+) -> None:
+    dest = RecordingSCP()
+    node = node_factory(
+        node_config(dest.port, tiny_checkpoint, MECHANICS).replace(
+            "max_attempts = 30", "max_attempts = 2"
+        )
+    ).start()
+    assert node.storescu(*map(str, make_series(tmp_path / "s", n=4, noise_sd=10))).returncode == 0
+    wait_for(lambda: node.status()[0]["state"] == "failed", 60, "job to fail")
+    job = node.status()[0]
+    assert job["attempts"] == 2 and job["denoised"] == 4 and job["delivered"] == 0
+    dest.start()
+    try:
+        out = subprocess.run(
+            [str(BIN / "pacs-node"), "retry", str(job["id"]), "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: node.status()[0]["state"] == "done", 60, "delivery after retry")
+        assert len(dest.received) == 4
+        again = subprocess.run(
+            [str(BIN / "pacs-node"), "retry", str(job["id"]), "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert again.returncode != 0 and "is done, not failed" in again.stderr
+    finally:
+        dest.stop()
+
+
+def test_quality_gate_holds_a_series_the_model_does_not_improve(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path
+) -> None:
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint)).start()
+        assert (
+            node.storescu(*map(str, make_series(tmp_path / "s", n=4, noise_sd=10))).returncode == 0
+        )
+        wait_for(lambda: node.status()[0]["state"] == "failed", 60, "held series")
+        job = node.status()[0]
+        assert "quality gate" in job["last_error"] and "not below" in job["last_error"]
+        assert dest.received == {}
+    finally:
+        dest.stop()
+
+
+def test_missing_checkpoint_refuses_to_start(tmp_path: Path, node_factory) -> None:
+    node = node_factory(node_config(4242, tmp_path / "absent.safetensors"))
+    node.start(wait=False)
+    assert node.proc is not None
+    assert node.proc.wait(60) == 1
+    assert "no usable model checkpoint" in node.log() and "Traceback" not in node.log()
+
+
+@pytest.mark.parametrize("phase", ["denoising", "forwarding"])
+def test_sigkill_then_restart_delivers_exactly_the_series(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path, phase: str
+) -> None:
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+        files = make_series(tmp_path / "s", n=60, size=128, noise_sd=10)
+        assert node.storescu(*map(str, files)).returncode == 0
+        if phase == "denoising":
+            wait_for(lambda: node.status()[0]["denoised"] >= 16, 120, "some denoised")
+        else:
+            wait_for(lambda: len(dest.received) >= 5, 120, "some forwarded")
+        node.kill()
+        state = node.status()[0]
+        assert state["delivered"] < 60
+        node.start()
+        wait_for(lambda: node.status()[0]["state"] == "done", 180, "done after restart")
+        assert len(dest.received) == 60
+        src = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+        refs = {d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in dest.received.values()}
+        assert refs == src
+    finally:
+        dest.stop()

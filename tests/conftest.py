@@ -99,49 +99,21 @@ def make_series(
     patient_id: str = PATIENT_ID,
 ) -> list[Path]:
     """A CT series of ``n`` slices (procedural body, optional white noise), one file a slice."""
-    import numpy as np
-    from pydicom.uid import generate_uid
+    from train.synth import simple_series
 
-    from train.synth import UID_ROOT, BodyCase, ct_dataset
-
-    rng = np.random.default_rng(seed)
-    body = BodyCase.random(rng)
-    pixel_mm = 380.0 / size
-    study = {
-        "uid": generate_uid(UID_ROOT),
-        "date": "20240102",
-        "patient_name": PATIENT_NAME,
-        "patient_id": patient_id,
-    }
-    series_uid, frame = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        hu = body.slice_hu(size, pixel_mm, i / max(n - 1, 1))
-        if noise_sd:
-            hu = hu + rng.normal(0, noise_sd, hu.shape).astype(np.float32)
-        ds = ct_dataset(
-            hu,
-            study=study,
-            series_uid=series_uid,
-            series_number=3,
-            description="Low Dose Images",
-            index=i,
-            pixel_mm=pixel_mm,
-            thickness_mm=1.0,
-            frame_uid=frame,
-        )
-        path = folder / f"{i + 1:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return simple_series(folder, n, size, seed, noise_sd, PATIENT_NAME, patient_id)
 
 
 class NodeProcess:
     """``pacs-node serve`` (or another verb) as a child process with its own config and port."""
 
     def __init__(
-        self, tmp: Path, extra: str = "", verb: str = "serve", port: int | None = None
+        self,
+        tmp: Path,
+        extra: str = "",
+        verb: str = "serve",
+        port: int | None = None,
+        workers: int = 0,
     ) -> None:
         self.tmp = tmp
         self.port = port or free_port()
@@ -149,7 +121,7 @@ class NodeProcess:
         self.config.write_text(
             f'[node]\nbind = "127.0.0.1"\nport = {self.port}\n'
             f'allowed_calling_ae_titles = ["STORESCU", "SENDER1", "SENDER2"]\n'
-            f"[storage]\nmin_free_bytes = 0\n{extra}"
+            f"[storage]\nmin_free_bytes = 0\n[worker]\ncount = {workers}\n{extra}"
         )
         self.verb = verb
         self.log_path = tmp / f"node-{self.port}.log"

@@ -44,12 +44,13 @@ class Orthanc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Orthanc:
-        self.proc = subprocess.Popen(
-            [str(self.exe), str(self.dir / "orthanc.json")],
-            env=dcmtk_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / "log", "ab"),
-        )
+        with open(self.dir / "log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(self.exe), str(self.dir / "orthanc.json")],
+                env=dcmtk_env(),
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         wait_for(lambda: port_open(self.port) and port_open(self.http), 60, "Orthanc")
         return self
 

@@ -199,3 +199,15 @@ def test_evaluate_writes_table_and_montages_and_nlm_beats_input(tmp_path: Path) 
     }
     assert float(rows["NLM"][0]) > float(rows["low dose"][0])
     assert json.dumps(rows)
+
+
+def test_heldout_evaluation_leaves_the_generator_trainable(tiny_set: Path) -> None:
+    from train.__main__ import _heldout_evaluator
+    from unit_model.networks import UnitGenerator
+
+    gen = UnitGenerator(GeneratorConfig(filters=4)).train()
+    held = pairs(*split_by_dose(read_series(tiny_set)))
+    metrics = _heldout_evaluator(held, crop=32)(gen, HUWindow())
+    assert set(metrics) == {"psnr", "ssim"}
+    assert all(p.requires_grad for p in gen.parameters())
+    assert gen.training

@@ -84,7 +84,7 @@ def test_pipeline_to_recording_scp_with_retries(
     """Destination answering 0xA700 first, then accepting: everything delivered, once."""
     dest = RecordingSCP(fail_first=3).start()
     try:
-        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
         files = make_series(tmp_path / "s", n=12, noise_sd=10)
         assert node.storescu(*map(str, files)).returncode == 0
         wait_for(lambda: node.status()[0]["state"] == "done", 120, "job done")
@@ -101,7 +101,7 @@ def test_pipeline_to_recording_scp_with_retries(
 
 def test_destination_down_then_up(tmp_path: Path, node_factory, tiny_checkpoint: Path) -> None:
     dest = RecordingSCP()
-    node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+    node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
     files = make_series(tmp_path / "s", n=8, noise_sd=10)
     assert node.storescu(*map(str, files)).returncode == 0
     wait_for(lambda: node.status()[0]["attempts"] >= 2, 60, "failed attempts")
@@ -156,7 +156,7 @@ def test_quality_gate_holds_a_series_the_model_does_not_improve(
 ) -> None:
     dest = RecordingSCP().start()
     try:
-        node = node_factory(node_config(dest.port, tiny_checkpoint)).start()
+        node = node_factory(node_config(dest.port, tiny_checkpoint), workers=1).start()
         assert (
             node.storescu(*map(str, make_series(tmp_path / "s", n=4, noise_sd=10))).returncode == 0
         )
@@ -169,7 +169,7 @@ def test_quality_gate_holds_a_series_the_model_does_not_improve(
 
 
 def test_missing_checkpoint_refuses_to_start(tmp_path: Path, node_factory) -> None:
-    node = node_factory(node_config(4242, tmp_path / "absent.safetensors"))
+    node = node_factory(node_config(4242, tmp_path / "absent.safetensors"), workers=1)
     node.start(wait=False)
     assert node.proc is not None
     assert node.proc.wait(60) == 1
@@ -182,7 +182,7 @@ def test_sigkill_then_restart_delivers_exactly_the_series(
 ) -> None:
     dest = RecordingSCP().start()
     try:
-        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS)).start()
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
         files = make_series(tmp_path / "s", n=60, size=128, noise_sd=10)
         assert node.storescu(*map(str, files)).returncode == 0
         if phase == "denoising":

@@ -199,6 +199,8 @@ def fit(
 def _heldout_evaluator(held_pairs, slices_per_series: int = 2, crop: int = 256):
     """PSNR/SSIM of the generator on a fixed, cheap subset of the held-out pairs: a few middle
     slices per series, centre-cropped (the body, not the air around it)."""
+    import copy
+
     import numpy as np
 
     from train.evaluate import image_metrics
@@ -217,7 +219,9 @@ def _heldout_evaluator(held_pairs, slices_per_series: int = 2, crop: int = 256):
         subset.append((low.slices[ks, ys, xs], full.slices[ks, ys, xs]))
 
     def run(gen, window):
-        den = Denoiser(gen.translator(), window, device=str(next(gen.parameters()).device))
+        # a copy: Denoiser freezes and moves the module it is given
+        net = copy.deepcopy(gen.translator())
+        den = Denoiser(net, window, device=str(next(gen.parameters()).device))
         ps, ss = [], []
         for ld, nd in subset:
             m = image_metrics(den.denoise_hu(ld), nd, -160.0, 240.0)

@@ -388,6 +388,50 @@ def synthesize(
     return folders
 
 
+def simple_series(
+    folder: Path,
+    n: int = 10,
+    size: int = 64,
+    seed: int = 0,
+    noise_sd: float = 0.0,
+    patient_name: str = "SYNTH^SIMPLE",
+    patient_id: str = "SYNTH-0",
+) -> list[Path]:
+    """A quick CT series (procedural body, optional white noise instead of noise insertion),
+    one file a slice: for tests and benchmarks where the noise model is not the point."""
+    rng = np.random.default_rng(seed)
+    body = BodyCase.random(rng)
+    pixel_mm = FOV_MM / size
+    study = {
+        "uid": generate_uid(UID_ROOT),
+        "date": "20240102",
+        "patient_name": patient_name,
+        "patient_id": patient_id,
+    }
+    series_uid, frame = generate_uid(UID_ROOT), generate_uid(UID_ROOT)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        hu = body.slice_hu(size, pixel_mm, i / max(n - 1, 1))
+        if noise_sd:
+            hu = hu + rng.normal(0, noise_sd, hu.shape).astype(np.float32)
+        ds = ct_dataset(
+            hu,
+            study=study,
+            series_uid=series_uid,
+            series_number=3,
+            description="Low Dose Images",
+            index=i,
+            pixel_mm=pixel_mm,
+            thickness_mm=1.0,
+            frame_uid=frame,
+        )
+        path = folder / f"{i + 1:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def uniform_patch_sd(ld: np.ndarray, nd: np.ndarray, center: tuple[int, int], half: int) -> float:
     """Noise SD (HU) added in a square patch: SD of LD - ND there."""
     y, x = center

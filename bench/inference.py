@@ -1,0 +1,103 @@
+"""CPU (or GPU) inference speed of the full-width generator at 512 x 512.
+
+    .venv/bin/python bench/inference.py [--slices 8] [--batch 4] [--device cpu] [--compile]
+
+Reports slices/s and achieved FLOP/s (428.5 GFLOP per slice, counted by torch's FlopCounterMode)
+as a fraction of torch's own matmul FLOP/s measured in the same process with the same threads:
+the ratio says how close the network's convolutions come to the machine's best dense kernel.
+Variants: fp32 contiguous, fp32 channels_last, bf16 autocast (when the CPU has native bf16),
+optionally torch.compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from unit_model.networks import UnitGenerator
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def time_network(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, reps: int) -> float:
+    ctx = torch.autocast(x.device.type, dtype=dtype) if dtype != torch.float32 else torch.no_grad()
+    times = []
+    with torch.inference_mode(), ctx:
+        net(x)  # warm-up (and compilation)
+        for _ in range(reps):
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            net(x)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compile", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    net = UnitGenerator().translator().eval().to(dev)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.zeros(1, 1, 512, 512, device=dev))
+    flop = fc.get_total_flops()
+    print(
+        f"device {dev}, threads {torch.get_num_threads()}, {flop / 1e9:.1f} GFLOP per 512^2 slice"
+    )
+    variants = [("fp32", torch.float32, False)]
+    variants.append(("fp32 channels_last", torch.float32, True))
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if dev.type == "cuda" or "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags:
+        variants.append(("bf16 channels_last", torch.bfloat16, True))
+    for name, dtype, cl in variants:
+        model = (
+            net.to(memory_format=torch.channels_last)
+            if cl
+            else net.to(memory_format=torch.contiguous_format)
+        )
+        if args.compile:
+            model = torch.compile(model)
+        x = torch.zeros(args.batch, 1, 512, 512, device=dev)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        per_batch = time_network(model, x, dtype, max(1, args.reps * args.slices // args.batch))
+        rate = args.batch / per_batch
+        mm = matmul_flops(dev, dtype)
+        achieved = rate * flop
+        print(
+            f"{name:20s} {rate:8.2f} slices/s  {achieved / 1e9:8.1f} GFLOP/s  "
+            f"matmul {mm / 1e9:8.1f} GFLOP/s  ratio {achieved / mm:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The shipped model end to end: DCMTK storescu -> node -> Orthanc (acceptance of the worker)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pacs_node.dicom_io import read_hu
+from pacs_node.quality import measure
+from tests.conftest import BIN, require_tool, wait_for
+from tests.peers import Orthanc
+from train import synth
+from unit_model.checkpoint import SHIPPED
+
+
+@pytest.fixture(scope="module")
+def quarter_dose(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A 30-slice quarter-dose synthetic series at the training data's pixel size (0.74 mm)."""
+    out = tmp_path_factory.mktemp("ld")
+    synth.synthesize(
+        out, cases=1, dose=0.25, seed=42, size=256, slices=30, fov_mm=190.0, extras=False
+    )
+    return sorted(out.rglob("1.000000-Low Dose Images-*/*.dcm"))
+
+
+def _config(dest: Orthanc, extra: str = "") -> str:
+    return (
+        f'[queue]\nseries_quiet_seconds = 1\n[destination]\nae_title = "{dest.aet}"\n'
+        f"port = {dest.port}\n{extra}"
+    )
+
+
+@pytest.mark.slow
+def test_series_denoised_into_orthanc_twice_gives_one_series(
+    tmp_path: Path, node_factory, quarter_dose: list[Path]
+) -> None:
+    assert SHIPPED.exists(), "the shipped checkpoint is missing"
+    orthanc = Orthanc(tmp_path).start()
+    try:
+        node = node_factory(_config(orthanc), workers=1).start()
+        assert node.storescu(*map(str, quarter_dose)).returncode == 0
+        wait_for(
+            lambda: node.status() and node.status()[0]["state"] in ("done", "failed"), 300, "job"
+        )
+        job = node.status()[0]
+        assert job["state"] == "done", job
+        series = [
+            s
+            for s in orthanc.series()
+            if "(UNIT denoised)" in s["MainDicomTags"].get("SeriesDescription", "")
+        ]
+        assert len(series) == 1 and len(series[0]["Instances"]) == 30
+        source = pydicom.dcmread(quarter_dose[0], stop_before_pixels=True)
+        study = orthanc.get(f"/studies/{series[0]['ParentStudy']}")
+        assert study["MainDicomTags"]["StudyInstanceUID"] == source.StudyInstanceUID
+        derived = {}
+        for iid in series[0]["Instances"]:
+            path = tmp_path / f"{iid}.dcm"
+            path.write_bytes(orthanc.get_bytes(f"/instances/{iid}/file"))
+            check = subprocess.run(
+                [require_tool("dciodvfy"), str(path)], capture_output=True, text=True
+            )
+            assert "Error" not in check.stdout + check.stderr, check.stdout + check.stderr
+            ds = pydicom.dcmread(path)
+            derived[ds.SourceImageSequence[0].ReferencedSOPInstanceUID] = read_hu(ds)
+        src = {pydicom.dcmread(p).SOPInstanceUID: read_hu(pydicom.dcmread(p)) for p in quarter_dose}
+        keys = sorted(src)
+        figures = measure(np.stack([src[k] for k in keys]), np.stack([derived[k] for k in keys]))
+        assert figures.regions > 0
+        assert figures.noise_out < figures.noise_in, figures
+        assert abs(figures.hu_bias) < 10, figures
+        # the same series again: identical derived UIDs, so Orthanc still holds 30, not 60
+        assert node.storescu(*map(str, quarter_dose)).returncode == 0
+        wait_for(
+            lambda: node.status()[0]["state"] == "done" and node.status()[0]["round"] == 2,
+            300,
+            "second round",
+        )
+        assert orthanc.instance_count() == 30
+    finally:
+        orthanc.stop()
+
+
+def test_jpeg_lossless_copy_gives_identical_derived_pixels(
+    tmp_path: Path, quarter_dose: list[Path]
+) -> None:
+    plain, jpeg = tmp_path / "plain", tmp_path / "jpeg"
+    plain.mkdir()
+    jpeg.mkdir()
+    for p in quarter_dose[:6]:
+        (plain / p.name).write_bytes(p.read_bytes())
+        subprocess.run([require_tool("dcmcjpeg"), "+e1", str(p), str(jpeg / p.name)], check=True)
+    outs = []
+    for src in (plain, jpeg):
+        out = tmp_path / f"out-{src.name}"
+        res = subprocess.run(
+            [str(BIN / "pacs-node"), "denoise", str(src), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr
+        outs.append(
+            {
+                pydicom.dcmread(f).SOPInstanceUID: pydicom.dcmread(f).pixel_array
+                for f in out.rglob("*.dcm")
+            }
+        )
+    assert len(outs[0]) == 6 and outs[0].keys() == outs[1].keys()
+    for uid in outs[0]:
+        assert np.array_equal(outs[0][uid], outs[1][uid])

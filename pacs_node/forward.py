@@ -15,6 +15,7 @@ from pathlib import Path
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from pacs_node import scp_fast
 from pacs_node.config import DestinationConfig
 from pacs_node.errors import RetryableError
 from pacs_node.status import category
@@ -32,6 +33,7 @@ def _nodelay(event: evt.Event) -> None:
 class Forwarder:
     def __init__(self, dest: DestinationConfig) -> None:
         self.dest = dest
+        scp_fast.install()
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.dest.calling_ae_title)

@@ -11,6 +11,7 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_node import scp_fast
 from pacs_node.config import NodeConfig
 from pacs_node.status import Status
 
@@ -75,6 +76,7 @@ class StorageSCP:
         storage_syntaxes: list[str] | None = None,
     ) -> None:
         self.config = node
+        scp_fast.install()
         self.ae = AE(ae_title=node.ae_title)
         self.ae.maximum_associations = node.max_associations
         self.ae.maximum_pdu_size = node.max_pdu_size

@@ -366,3 +366,21 @@ def test_echo_still_works_with_storage(node_factory) -> None:
     )
     assert res.returncode == 0
     time.sleep(0)
+
+
+def test_event_driven_waits_install_on_the_pinned_pynetdicom(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pynetdicom
+    from pynetdicom import association, dul
+
+    from pacs_node import scp_fast
+
+    assert scp_fast.install() and scp_fast.installed()
+    assert isinstance(dul.time, scp_fast._TimeShim) and isinstance(
+        association.time, scp_fast._TimeShim
+    )
+    # another release line: left alone
+    monkeypatch.setattr(scp_fast, "_installed", False)
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    assert scp_fast.install() is False

@@ -15,6 +15,7 @@ missing, :func:`install` logs why and leaves pynetdicom as it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
@@ -94,10 +95,8 @@ def _dul_wait(dul: Any) -> Callable[[], None]:
 def _wake_dul(dul: Any) -> None:
     if threading.current_thread() is dul:  # it queued for itself, so it is not waiting
         return
-    try:
+    with contextlib.suppress(OSError):  # buffer full (already awake) or closed
         dul._ldct_wake.send(b"\0")
-    except OSError:  # buffer full (already awake) or closed
-        pass
 
 
 def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
@@ -150,8 +149,8 @@ def install() -> bool:
         return False
     association.Association.__init__ = _patched_init(association.Association.__init__)  # type: ignore[method-assign]
     shim = _TimeShim()
-    dul.time = shim  # type: ignore[attr-defined]
-    association.time = shim  # type: ignore[attr-defined]
+    dul.time = shim  # type: ignore[assignment]
+    association.time = shim  # type: ignore[assignment]
     _installed = True
     return True
 

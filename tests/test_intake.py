@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 from pydicom.uid import generate_uid
 
 from pacs_node.intake import TRANSFER_SYNTAXES

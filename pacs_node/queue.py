@@ -499,32 +499,44 @@ class Queue:
                 **values,
             )
 
-    def retry(self, job_id: int) -> bool:
-        """A failed job back to ready with its attempts reset (``pacs-node retry``)."""
-        j = jobs.c
+    def retry(self, job_id: int) -> str | None:
+        """A failed job back to ready with its attempts reset (``pacs-node retry``).
+
+        Returns None on success, else why not (not failed, unknown, or the series has a newer
+        open round: retry once that one is finished).
+        """
+        j, i = jobs.c, instances.c
         with self.transaction() as conn:
-            n = conn.execute(
+            row = conn.execute(sa.select(j.state, j.series_uid).where(j.id == job_id)).first()
+            if row is None:
+                return f"job {job_id} does not exist"
+            if row.state != JobState.FAILED.value:
+                return f"job {job_id} is {row.state}, not failed"
+            open_job = conn.execute(
+                sa.select(j.id).where(j.series_uid == row.series_uid, j.state.not_in(FINISHED))
+            ).scalar()
+            if open_job is not None:
+                return f"job {job_id}: its series has an open job {open_job}; retry when that one is done"
+            conn.execute(
                 jobs.update()
-                .where(j.id == job_id, j.state == JobState.FAILED.value)
+                .where(j.id == job_id)
                 .values(
                     state=JobState.READY.value,
                     attempts=0,
                     next_attempt_at=0,
                     updated_at=time.time(),
                 )
-            ).rowcount
-            if n:
-                i = instances.c
-                conn.execute(
-                    instances.update()
-                    .where(
-                        i.job_id == job_id,
-                        i.state == InstanceState.FAILED.value,
-                        i.derived_path.is_(None),
-                    )
-                    .values(state=InstanceState.RECEIVED.value, last_error=None)
+            )
+            conn.execute(
+                instances.update()
+                .where(
+                    i.job_id == job_id,
+                    i.state == InstanceState.FAILED.value,
+                    i.derived_path.is_(None),
                 )
-        return bool(n)
+                .values(state=InstanceState.RECEIVED.value, last_error=None)
+            )
+        return None
 
     # -- reporting --------------------------------------------------------------------------
     def list_jobs(self, job_id: int | None = None, limit: int = 200) -> list[JobRow]:

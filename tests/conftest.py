@@ -114,6 +114,8 @@ class NodeProcess:
         verb: str = "serve",
         port: int | None = None,
         workers: int = 0,
+        data_dir: Path | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.tmp = tmp
         self.port = port or free_port()
@@ -121,7 +123,11 @@ class NodeProcess:
         self.config.write_text(
             f'[node]\nbind = "127.0.0.1"\nport = {self.port}\n'
             f'allowed_calling_ae_titles = ["STORESCU", "SENDER1", "SENDER2"]\n'
-            f"[storage]\nmin_free_bytes = 0\n[worker]\ncount = {workers}\n{extra}"
+            f"[storage]\nmin_free_bytes = 0\n"
+            + (f'data_dir = "{data_dir}"\n' if data_dir else "")
+            + f"[worker]\ncount = {workers}\n"
+            + (f'[queue]\ndatabase_url = "{database_url}"\n' if database_url else "")
+            + extra
         )
         self.verb = verb
         self.log_path = tmp / f"node-{self.port}.log"
@@ -209,3 +215,21 @@ def node_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     yield make
     for n in nodes:
         n.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():  # type: ignore[no-untyped-def]
+    from tests.pg import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same queue tests against SQLite and a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/jobs.sqlite"
+    server = request.getfixturevalue("postgres")
+    return str(server.create_db(f"t{abs(hash(str(tmp_path))) % 10**9}"))

@@ -1,18 +1,26 @@
+"""The job table, against SQLite and a real PostgreSQL (the ``database_url`` fixture)."""
+
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from pacs_node.queue import JobState, Queue, metadata
+from pacs_node.queue import InstanceState, JobState, LostClaim, Queue, metadata
 
 
-def test_migrations_match_the_models(tmp_path: Path) -> None:
+def _queue(url: str) -> Queue:
+    q = Queue(url)
+    q.migrate()
+    return q
+
+
+def test_migrations_match_the_models(database_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    q = Queue(f"sqlite:///{tmp_path}/q.sqlite")
-    q.migrate()
+    q = _queue(database_url)
     q.migrate()  # idempotent
     with q.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
@@ -20,16 +28,14 @@ def test_migrations_match_the_models(tmp_path: Path) -> None:
 
 
 def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
-    q = Queue(f"sqlite:///{tmp_path}/q.sqlite")
-    q.migrate()
+    q = _queue(f"sqlite:///{tmp_path}/q.sqlite")
     with q.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
 
 
-def test_quiet_series_become_ready(tmp_path: Path) -> None:
-    q = Queue(f"sqlite:///{tmp_path}/q.sqlite")
-    q.migrate()
+def test_quiet_series_become_ready(database_url: str) -> None:
+    q = _queue(database_url)
     job = q.record_instance(
         sop_uid="1.2.3.1", series_uid="1.2.3", study_uid="1.2", path="a", now=100
     )
@@ -49,3 +55,103 @@ def test_quiet_series_become_ready(tmp_path: Path) -> None:
     assert row.state == JobState.RECEIVING and row.received == 3
     with q.engine.begin() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1
+
+
+def test_concurrent_first_instances_open_one_job(database_url: str) -> None:
+    q = _queue(database_url)
+    ids: list[int] = []
+
+    def record(k: int) -> None:
+        ids.append(
+            q.record_instance(
+                sop_uid=f"1.2.9.{k}", series_uid="1.2.9", study_uid="1.2", path=str(k)
+            )
+        )
+
+    threads = [threading.Thread(target=record, args=(k,)) for k in range(1, 13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == 1
+    assert q.list_jobs()[0].received == 12
+
+
+def test_each_job_is_claimed_once_under_contention(database_url: str) -> None:
+    q = _queue(database_url)
+    for s in range(1, 21):
+        q.record_instance(
+            sop_uid=f"1.3.{s}.1", series_uid=f"1.3.{s}", study_uid="1.3", path=f"p{s}", now=0
+        )
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        while True:
+            c = q.claim(f"w{n}", quiet_seconds=1)
+            if c is None:
+                return
+            with lock:
+                claimed.append(c.job_id)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted({j.id for j in q.list_jobs()})
+    assert all(j.state == JobState.RUNNING and j.attempts == 1 for j in q.list_jobs())
+
+
+def test_reaper_requeues_stale_work_and_the_old_worker_loses_its_claim(database_url: str) -> None:
+    q = _queue(database_url)
+    q.record_instance(sop_uid="1.4.1.1", series_uid="1.4.1", study_uid="1.4", path="x", now=0)
+    old = q.claim("old", quiet_seconds=1)
+    assert old is not None
+    assert q.reap(stale_after=60) == 0
+    with q.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET heartbeat_at = heartbeat_at - 1000"))
+    assert q.reap(stale_after=60) == 1
+    new = q.claim("new", quiet_seconds=1)
+    assert new is not None and new.job_id == old.job_id and new.attempts == 2
+    try:
+        q.heartbeat(old)
+        raise AssertionError("the old worker still holds the job")
+    except LostClaim:
+        pass
+    q.mark_denoised(new, [(1, "2.25.1", "d")], "v1")
+    q.set_state(new, JobState.FORWARDING)
+    q.mark_delivered(new, [1])
+    assert q.finish(new) == JobState.DONE
+    row = q.list_jobs()[0]
+    assert (row.state, row.delivered, row.model_version) == ("done", 1, "v1")
+
+
+def test_finish_goes_back_to_ready_when_instances_arrived_meanwhile(database_url: str) -> None:
+    q = _queue(database_url)
+    q.record_instance(sop_uid="1.5.1.1", series_uid="1.5.1", study_uid="1.5", path="a", now=0)
+    c = q.claim("w", quiet_seconds=1)
+    assert c is not None
+    q.record_instance(sop_uid="1.5.1.2", series_uid="1.5.1", study_uid="1.5", path="b")
+    assert len(q.pending_instances(c, InstanceState.RECEIVED)) == 2
+    q.mark_denoised(c, [(1, "2.25.1", "d1")], "v")
+    q.mark_delivered(c, [1])
+    assert q.finish(c) == JobState.READY
+
+
+def test_failed_job_retry_and_new_round(database_url: str) -> None:
+    q = _queue(database_url)
+    q.record_instance(sop_uid="1.6.1.1", series_uid="1.6.1", study_uid="1.6", path="a", now=0)
+    c = q.claim("w", quiet_seconds=1)
+    assert c is not None
+    assert q.defer(c, "destination down", delay=0, max_attempts=1) == JobState.FAILED
+    q.record_instance(sop_uid="1.6.1.2", series_uid="1.6.1", study_uid="1.6", path="b")
+    rows = q.list_jobs()
+    assert [(r.round, r.state) for r in rows] == [(2, "receiving"), (1, "failed")]
+    assert "open job" in str(q.retry(rows[1].id))
+    assert "not failed" in str(q.retry(rows[0].id))
+    with q.engine.begin() as conn:  # the new round finishes
+        conn.execute(sa.text(f"UPDATE jobs SET state='done' WHERE id={rows[0].id}"))
+    assert q.retry(rows[1].id) is None
+    assert q.list_jobs(job_id=rows[1].id)[0].state == JobState.READY
+    assert "does not exist" in str(q.retry(999))

@@ -129,6 +129,12 @@ class QualityConfig(_Section):
     forward_on_failure: bool = False
 
 
+class HttpConfig(_Section):
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
@@ -143,6 +149,7 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     worker: WorkerConfig = WorkerConfig()
     quality: QualityConfig = QualityConfig()
+    http: HttpConfig = HttpConfig()
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(default=None, exclude=True)
     """The file this was read from (None for the embedded defaults)."""

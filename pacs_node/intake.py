@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import evt
 
+from pacs_node.http import Metrics
 from pacs_node.queue import Queue
 from pacs_node.status import Status
 from pacs_node.storage import Storage, valid_uid
@@ -88,9 +89,10 @@ def validate(ds: Dataset, sop_class: str, affected_uid: str) -> tuple[str, str, 
 class Intake:
     """Handles C-STORE requests for one node; counts per association for the audit line."""
 
-    def __init__(self, storage: Storage, queue: Queue) -> None:
+    def __init__(self, storage: Storage, queue: Queue, metrics: Metrics | None = None) -> None:
         self.storage = storage
         self.queue = queue
+        self.metrics = metrics
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
         self.totals: Counter[str] = Counter()
@@ -119,6 +121,8 @@ class Intake:
             self._store(event, study, series, sop)
         except Refused as r:
             self._count(event, f"refused:{r.status.name.lower()}")
+            if self.metrics:
+                self.metrics.rejected.labels(r.status.name.lower()).inc()
             logger.warning(
                 "C-STORE from %s refused with 0x%04X (%s): %s; SOP instance %s",
                 caller,
@@ -129,6 +133,8 @@ class Intake:
             )
             return int(r.status)
         self._count(event, "stored")
+        if self.metrics:
+            self.metrics.received.inc()
         return int(Status.SUCCESS)
 
     def _store(self, event: evt.Event, study: str, series: str, sop: str) -> None:
@@ -165,6 +171,8 @@ class Intake:
             counts = self._per_assoc.pop(id(event.assoc), Counter())
         rq = event.assoc.requestor
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        if self.metrics:
+            self.metrics.associations.labels(outcome).inc()
         refused = sum(v for k, v in counts.items() if k.startswith("refused"))
         logger.info(
             "association from %s (%s:%s) %s: %d stored, %d refused",
@@ -176,8 +184,13 @@ class Intake:
             refused,
         )
 
+    def handle_rejected(self, event: evt.Event) -> None:
+        if self.metrics:
+            self.metrics.associations.labels("rejected").inc()
+
     def handlers(self) -> list[Any]:
         return [
+            (evt.EVT_REJECTED, self.handle_rejected),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_ACCEPTED, self.handle_accepted),
             (evt.EVT_RELEASED, self.handle_closed),

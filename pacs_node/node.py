@@ -9,6 +9,7 @@ import pydicom
 
 from pacs_node.config import Config
 from pacs_node.errors import PermanentError
+from pacs_node.http import HttpServer, Metrics
 from pacs_node.intake import TRANSFER_SYNTAXES, Intake
 from pacs_node.queue import Queue
 from pacs_node.scp import StorageSCP
@@ -58,7 +59,8 @@ class Node:
         self.config = config
         self.storage = Storage(config.storage.data_dir, config.storage.min_free_bytes)
         self.queue = Queue(config.queue.database_url)
-        self.intake = Intake(self.storage, self.queue)
+        self.metrics = Metrics()
+        self.intake = Intake(self.storage, self.queue, self.metrics)
         self.scp = (
             StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES) if receive else None
         )
@@ -66,6 +68,7 @@ class Node:
         self.workers: list[Worker] = []
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self.http: HttpServer | None = None
 
     def start(self) -> None:
         """Load the model first: a node that cannot denoise refuses to start, before it accepts
@@ -86,9 +89,20 @@ class Node:
         if self.scp is not None:
             recover(self.storage, self.queue)
             self.scp.start()
+        if self.config.http.enabled:
+            h = self.config.http
+            self.http = HttpServer(
+                h.bind,
+                h.port,
+                self.queue,
+                self.storage,
+                self.metrics,
+                model_loaded=None if not self.n_workers else denoiser is not None,
+            )
+            self.http.start()
         for n in range(self.n_workers):
             assert denoiser is not None
-            w = Worker(self.config, self.queue, self.storage, denoiser)
+            w = Worker(self.config, self.queue, self.storage, denoiser, metrics=self.metrics)
             w.name = f"{w.name}/{n}"
             t = threading.Thread(target=w.run, args=(self._stop,), name=f"worker-{n}", daemon=True)
             t.start()
@@ -98,6 +112,8 @@ class Node:
     def stop(self) -> None:
         if self.scp is not None:
             self.scp.stop()
+        if self.http is not None:
+            self.http.stop()
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)

@@ -516,7 +516,10 @@ class Queue:
                 sa.select(j.id).where(j.series_uid == row.series_uid, j.state.not_in(FINISHED))
             ).scalar()
             if open_job is not None:
-                return f"job {job_id}: its series has an open job {open_job}; retry when that one is done"
+                return (
+                    f"job {job_id}: its series has an open job {open_job}; "
+                    "retry when that one is done"
+                )
             conn.execute(
                 jobs.update()
                 .where(j.id == job_id)
@@ -591,6 +594,14 @@ class Queue:
             )
             for r in rows
         ]
+
+    def count_by_state(self) -> dict[str, int]:
+        j = jobs.c
+        with self.engine.connect() as conn:
+            return {
+                r[0]: int(r[1])
+                for r in conn.execute(sa.select(j.state, sa.func.count()).group_by(j.state))
+            }
 
     def count_instances(self) -> int:
         with self.engine.connect() as conn:

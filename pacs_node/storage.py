@@ -5,6 +5,7 @@ Layout (names built from validated UIDs only, never raw received strings)::
     <data_dir>/received/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   as received, with file meta
     <data_dir>/derived/<job id>/<SOPInstanceUID>.dcm                the denoised instances
     <data_dir>/tmp/                                                  partial writes
+    <data_dir>/thumbs/<job id>.png                                   status-page thumbnails
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class Storage:
         self.received_dir = self.root / "received"
         self.derived_dir = self.root / "derived"
         self.tmp_dir = self.root / "tmp"
-        for d in (self.received_dir, self.derived_dir, self.tmp_dir):
+        self.thumbs_dir = self.root / "thumbs"
+        for d in (self.received_dir, self.derived_dir, self.tmp_dir, self.thumbs_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
@@ -56,6 +58,9 @@ class Storage:
 
     def derived_path(self, job_id: int, sop_uid: str) -> Path:
         return self.derived_dir / str(int(job_id)) / f"{_safe_name(sop_uid)}.dcm"
+
+    def thumb_path(self, job_id: int) -> Path:
+        return self.thumbs_dir / f"{int(job_id)}.png"
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free

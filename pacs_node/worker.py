@@ -26,6 +26,7 @@ from pacs_node.config import Config
 from pacs_node.dicom_io import derive, read_hu
 from pacs_node.errors import PermanentError, RetryableError
 from pacs_node.forward import Forwarder
+from pacs_node.http import Metrics, save_thumbnail
 from pacs_node.quality import QualityFigures, find_uniform_regions
 from pacs_node.queue import Claim, InstanceState, JobState, LostClaim, Queue
 from pacs_node.storage import Storage
@@ -84,8 +85,10 @@ class Worker:
         storage: Storage,
         denoiser: Denoiser,
         name: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.queue = queue
         self.storage = storage
         self.denoiser = denoiser
@@ -149,6 +152,8 @@ class Worker:
                 self.queue.release(claim)
             logger.info("job %d: shutting down, returned to the queue", claim.job_id, extra=log)
         except RetryableError as err:
+            if self.metrics:
+                self.metrics.forward_failures.inc()
             d = self.config.destination
             delay = min(
                 d.retry_backoff_seconds * 2 ** (claim.attempts - 1), d.retry_backoff_max_seconds
@@ -221,9 +226,15 @@ class Worker:
                 batch = np.stack([hu[k] for k in sel])
                 t0 = time.perf_counter()
                 out = self.denoiser.denoise_hu(batch)
-                self.stats["denoise_seconds"] += time.perf_counter() - t0
+                seconds = time.perf_counter() - t0
+                self.stats["denoise_seconds"] += seconds
                 self.stats["slices"] += len(sel)
+                if self.metrics:
+                    self.metrics.observe_denoise(seconds, len(sel))
                 quality.add(batch, out)
+                if start <= len(pending) // 2 < start + chunk:  # the series' middle slice
+                    mid = min(len(pending) // 2 - start, len(batch) - 1)
+                    save_thumbnail(self.storage.thumb_path(claim.job_id), batch[mid], out[mid])
                 for n, k in enumerate(sel):
                     done.append(self._write_derived(claim, ids[k], sources[k], out[n]))
             self.queue.mark_denoised(claim, done, self.denoiser.model_version)
@@ -289,6 +300,9 @@ class Worker:
 
         def delivered(iid: int, _status: int) -> None:
             batch.append(iid)
+            if self.metrics:
+                self.metrics.delivered.inc()
+                self.metrics.last_delivery.set(time.time())
             if len(batch) >= 16:
                 self.queue.mark_delivered(claim, batch)
                 batch.clear()

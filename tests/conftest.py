@@ -119,6 +119,7 @@ class NodeProcess:
     ) -> None:
         self.tmp = tmp
         self.port = port or free_port()
+        self.http_port = free_port()
         self.config = tmp / "node.toml"
         self.config.write_text(
             f'[node]\nbind = "127.0.0.1"\nport = {self.port}\n'
@@ -126,6 +127,7 @@ class NodeProcess:
             f"[storage]\nmin_free_bytes = 0\n"
             + (f'data_dir = "{data_dir}"\n' if data_dir else "")
             + f"[worker]\ncount = {workers}\n"
+            + ("" if "[http]" in extra else f"[http]\nport = {self.http_port}\n")
             + (f'[queue]\ndatabase_url = "{database_url}"\n' if database_url else "")
             + extra
         )

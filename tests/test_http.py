@@ -1,0 +1,94 @@
+"""/metrics, /healthz and the status page of a running node."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import make_series, wait_for
+from tests.peers import RecordingSCP
+from tests.pg import PostgresServer
+from tests.test_worker import MECHANICS, node_config, tiny_checkpoint  # noqa: F401 - fixture
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(port, "/metrics")
+    assert status == 200
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_metrics_move_when_a_series_is_processed(
+    tmp_path: Path,
+    node_factory,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
+        before = samples(node.http_port)
+        assert before[("pacs_node_instances_received_total", ())] == 0
+        assert (
+            node.storescu(*map(str, make_series(tmp_path / "s", n=6, noise_sd=10))).returncode == 0
+        )
+        node.storescu(str(make_series(tmp_path / "x", n=1)[0]), aet="STORESCU", aec="WRONG")
+        wait_for(lambda: node.status()[0]["state"] == "done", 120, "job done")
+        after = samples(node.http_port)
+        assert after[("pacs_node_instances_received_total", ())] == 6
+        assert after[("pacs_node_denoised_slices_total", ())] == 6
+        assert after[("pacs_node_instances_delivered_total", ())] == 6
+        assert after[("pacs_node_associations_total", (("outcome", "released"),))] >= 1
+        assert after[("pacs_node_associations_total", (("outcome", "rejected"),))] == 1
+        assert after[("pacs_node_queue_jobs", (("state", "done"),))] == 1
+        assert after[("pacs_node_denoise_seconds_count", ())] >= 1
+        status, page = get(node.http_port, "/")
+        assert status == 200 and b"done" in page and b"/thumbs/" in page
+        job = node.status()[0]["id"]
+        status, png = get(node.http_port, f"/thumbs/{job}.png")
+        assert status == 200 and png.startswith(b"\x89PNG")
+        status, health = get(node.http_port, "/healthz")
+        assert status == 200 and json.loads(health)["model"] == "loaded"
+    finally:
+        dest.stop()
+
+
+def test_healthz_503_when_disk_below_watermark(node_factory) -> None:
+    node = node_factory()
+    node.config.write_text(
+        node.config.read_text().replace(
+            "min_free_bytes = 0", "min_free_bytes = 10**18".replace("10**18", str(10**18))
+        )
+    )
+    node.start()
+    status, body = get(node.http_port, "/healthz")
+    assert status == 503
+    assert "below watermark" in json.loads(body)["disk"]
+
+
+def test_healthz_503_when_database_unreachable(node_factory) -> None:
+    server = PostgresServer().start()
+    try:
+        url = server.create_db("health")
+        node = node_factory(f'[queue]\ndatabase_url = "{url}"\n').start()
+        assert get(node.http_port, "/healthz")[0] == 200
+        server.stop()
+        status, body = get(node.http_port, "/healthz")
+        assert status == 503
+        assert json.loads(body)["database"].startswith("unreachable")
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -162,6 +163,27 @@ def denoise(
         )
         typer.echo(f"{series}: {n} instances {figures}")
     typer.echo(f"written to {out_dir}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the report")] = Path("demo-report"),
+    slices: Annotated[int, typer.Option(help="slices in the synthetic series")] = 24,
+    size: Annotated[int, typer.Option(help="matrix size")] = 256,
+    config: ConfigOption = None,
+) -> None:
+    """Synthetic low-dose series -> node -> local destination, then a report with montages."""
+    cfg = load_config(config)
+    log.setup("WARNING", cfg.logging.format)
+    from pacs_node.demo import run_demo
+    from pacs_node.errors import PacsNodeError
+    from unit_model.checkpoint import CheckpointError
+
+    try:
+        report = run_demo(out, slices=slices, size=size, checkpoint=cfg.model.checkpoint)
+    except (CheckpointError, PacsNodeError, RuntimeError, subprocess.CalledProcessError) as err:
+        raise _fail(f"demo failed: {err}", 1) from None
+    typer.echo(f"report: {report.resolve()}")
 
 
 @app.command()

@@ -47,6 +47,9 @@ def synth(
     seed: Annotated[int, typer.Option()] = 0,
     size: Annotated[int, typer.Option(help="matrix size (square)")] = 512,
     slices: Annotated[int, typer.Option(help="slices per series")] = 8,
+    fov_mm: Annotated[
+        float, typer.Option(help="field of view, mm (pixel size = fov / size)")
+    ] = 380.0,
     extras: Annotated[bool, typer.Option(help="add Shepp-Logan and CT_small cases")] = True,
     calibrate: Annotated[bool, typer.Option(help="print the noise calibration and exit")] = False,
 ) -> None:
@@ -59,7 +62,16 @@ def synth(
             f"added noise SD at dose {dose}, {size}^2: {s.calibrate(size, dose, seed):.2f} HU"
         )
         return
-    s.synthesize(out, cases=cases, dose=dose, seed=seed, size=size, slices=slices, extras=extras)
+    s.synthesize(
+        out,
+        cases=cases,
+        dose=dose,
+        seed=seed,
+        size=size,
+        slices=slices,
+        extras=extras,
+        fov_mm=fov_mm,
+    )
     typer.echo(f"wrote {cases + 2 * extras} cases to {out}")
 
 

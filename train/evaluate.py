@@ -12,9 +12,9 @@ import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means, estimate_sigma
 
+from pacs_node.images import save_grid
 from pacs_node.quality import find_uniform_regions
 from train.data import Series
-from train.images import save_grid
 
 logger = logging.getLogger(__name__)
 

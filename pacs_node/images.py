@@ -1,4 +1,4 @@
-"""PNG montages in a CT window (previews, evaluation, the demo report)."""
+"""PNG montages in a CT window: training previews, evaluation, the demo report, thumbnails."""
 
 from __future__ import annotations
 

@@ -1,0 +1,133 @@
+"""End to end: a 100-slice 512^2 series through the node, against the pure denoise time.
+
+    .venv/bin/python bench/end_to_end.py [--slices 100] [--quiet 2]
+
+The node runs as `pacs-node serve` (one worker, the shipped model, defaults otherwise) with a
+pynetdicom SCP in this process as the destination; DCMTK storescu sends the series. Wall time runs
+from the first byte sent to the last derived instance received. The pure denoise time is
+Denoiser.denoise_hu over the same slices in this process, with the same batch size, before the
+node starts. Ratio = pure denoise / (wall - series_quiet_seconds): receiving, writing, the
+database and forwarding should hide behind compute (target >= 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pacs_node.dicom_io import read_hu  # noqa: E402
+from train.synth import simple_series  # noqa: E402
+from unit_model.denoiser import Denoiser  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=100)
+    ap.add_argument("--quiet", type=float, default=2.0, help="queue.series_quiet_seconds")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args()
+    from pynetdicom import AE, evt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = simple_series(work / "series", n=args.slices, size=512, seed=3, noise_sd=15)
+        hu = np.stack([read_hu(pydicom.dcmread(f)) for f in files])
+        den = Denoiser.from_checkpoint(None, device="cpu", batch_size=args.batch)
+        den.denoise_hu(hu[:2])  # warm-up
+        t0 = time.perf_counter()
+        den.denoise_hu(hu)
+        pure = time.perf_counter() - t0
+        del den
+
+        received: list[float] = []
+        done = threading.Event()
+
+        def store(event: evt.Event) -> int:
+            received.append(time.perf_counter())
+            if len(received) >= args.slices:
+                done.set()
+            return 0
+
+        ae = AE("PACS")
+        ae.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+        dest_port = free_port()
+        server = ae.start_server(
+            ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+        )
+        port = free_port()
+        (work / "config.toml").write_text(
+            f'[node]\nbind = "127.0.0.1"\nport = {port}\n[storage]\nmin_free_bytes = 0\n'
+            f"[queue]\nseries_quiet_seconds = {args.quiet}\n[model]\nbatch_size = {args.batch}\n"
+            f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
+            "[http]\nenabled = false\n"
+        )
+        node = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "pacs-node"),
+                "serve",
+                "--config",
+                str(work / "config.toml"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("node did not start")
+                time.sleep(0.1)
+            t_send = time.perf_counter()
+            subprocess.run(
+                [
+                    "/usr/bin/storescu",
+                    "-aet",
+                    "STORESCU",
+                    "-aec",
+                    "LDCT_DENOISE",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, files),
+                ],
+                check=True,
+                env={**os.environ, "TCP_NODELAY": "1"},
+                capture_output=True,
+            )
+            t_sent = time.perf_counter()
+            if not done.wait(3600):
+                raise RuntimeError("not everything was delivered")
+            wall = received[-1] - t_send
+        finally:
+            node.terminate()
+            node.wait()
+            server.shutdown()
+    busy = wall - args.quiet
+    print(f"{args.slices} slices 512^2, batch {args.batch}, torch threads {os.cpu_count()} cores")
+    print(
+        f"pure denoise {pure:.1f} s ({args.slices / pure:.2f} slices/s); receive {t_sent - t_send:.1f} s"
+    )
+    print(f"end to end {wall:.1f} s, minus quiet time {args.quiet:.1f} s = {busy:.1f} s")
+    print(f"ratio pure denoise / (end to end - quiet) = {pure / busy:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -121,9 +121,10 @@ def main() -> None:
             node.wait()
             server.shutdown()
     busy = wall - args.quiet
-    print(f"{args.slices} slices 512^2, batch {args.batch}, torch threads {os.cpu_count()} cores")
+    print(f"{args.slices} slices 512^2, batch {args.batch}, {os.cpu_count()} cores")
     print(
-        f"pure denoise {pure:.1f} s ({args.slices / pure:.2f} slices/s); receive {t_sent - t_send:.1f} s"
+        f"pure denoise {pure:.1f} s ({args.slices / pure:.2f} slices/s); "
+        f"receive {t_sent - t_send:.1f} s"
     )
     print(f"end to end {wall:.1f} s, minus quiet time {args.quiet:.1f} s = {busy:.1f} s")
     print(f"ratio pure denoise / (end to end - quiet) = {pure / busy:.2f}")

@@ -2,7 +2,7 @@
 # Installs the node into ./.venv on a Debian machine (run as root, or with sudo rights for apt).
 #   ./install.sh          the node and what it needs to run (DCMTK for the demo's sender)
 #   ./install.sh --test   also what the test suite drives: Orthanc, dicom3tools, GDCM, PostgreSQL,
-#                         pytest, ruff, mypy
+#                         Chromium, pytest, ruff, mypy
 # Without an NVIDIA GPU it installs the CPU build of torch, never the multi-GB CUDA one.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +12,7 @@ with_test=0
 
 apt_packages=(dcmtk)
 if ((with_test)); then
-    apt_packages+=(orthanc dicom3tools libgdcm-tools openssl postgresql)
+    apt_packages+=(orthanc dicom3tools libgdcm-tools openssl postgresql chromium)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do

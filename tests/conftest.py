@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -217,6 +218,12 @@ def node_factory(tmp_path: Path):  # type: ignore[no-untyped-def]
     yield make
     for n in nodes:
         n.stop()
+    # No patient name, ID or birth date in any log line of any node a test ran.
+    for n in nodes:
+        log = n.log()
+        for secret in (PATIENT_NAME, PATIENT_NAME.split("^")[0], PATIENT_ID, "SYNTH^"):
+            assert secret not in log, f"patient data {secret!r} in {n.log_path}"
+        assert re.search(r"\bS\d{6}\b", log) is None, f"a synthetic patient ID in {n.log_path}"
 
 
 @pytest.fixture(scope="session")

@@ -92,3 +92,67 @@ def test_healthz_503_when_database_unreachable(node_factory) -> None:
         assert json.loads(body)["database"].startswith("unreachable")
     finally:
         server.stop()
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--window-size=1400,700",
+]
+
+
+def test_status_page_renders_in_chromium_with_jobs_and_thumbnails(
+    tmp_path: Path,
+    node_factory,
+    tiny_checkpoint: Path,  # noqa: F811
+) -> None:
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import require_tool
+
+    chromium = require_tool("chromium")
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
+        assert (
+            node.storescu(
+                *map(str, make_series(tmp_path / "s", n=6, size=128, noise_sd=10))
+            ).returncode
+            == 0
+        )
+        wait_for(lambda: node.status()[0]["state"] == "done", 120, "job done")
+        url = f"http://127.0.0.1:{node.http_port}/"
+        profile = tmp_path / "profile"
+        dom = subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        job = node.status()[0]
+        assert f"<td>{job['id']}</td>" in dom.stdout and job["series_uid"] in dom.stdout
+        assert "done" in dom.stdout and f"/thumbs/{job['id']}.png" in dom.stdout
+        shot = tmp_path / "status.png"
+        subprocess.run(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+        img = np.asarray(Image.open(shot).convert("L"))
+        assert img.shape[1] == 1400
+        # the thumbnail (a CT slice) makes mid-grey pixels that text on white does not
+        assert ((img > 40) & (img < 200)).mean() > 0.005
+    finally:
+        dest.stop()

@@ -108,6 +108,7 @@ def fit(
     residual_output: Annotated[
         bool, typer.Option(help="decoders predict a correction, start as identity")
     ] = False,
+    residual_scale: Annotated[float, typer.Option(help="largest correction, network units")] = 0.25,
     window_lower: float = -1024.0,
     window_upper: float = 3071.0,
     disc_view: Annotated[str, typer.Option(help="image | soft_tissue | highpass")] = "image",
@@ -161,6 +162,7 @@ def fit(
             cycle_ld_factor,
         ),
         generator=GeneratorConfig(
+            residual_scale=residual_scale,
             filters=filters,
             upsample=upsample,  # type: ignore[arg-type]
             residual_output=residual_output,

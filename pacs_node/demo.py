@@ -32,6 +32,7 @@ from pacs_node.config import (
     DestinationConfig,
     HttpConfig,
     NodeConfig,
+    QualityConfig,
     QueueConfig,
     StorageConfig,
 )
@@ -228,6 +229,8 @@ def run_demo(
             ),
             destination=DestinationConfig(port=dest.port),
             http=HttpConfig(port=0),
+            # show the result even when the gate would hold it; the report says so
+            quality=QualityConfig(forward_on_failure=True),
             model=Config().model.model_copy(update={"checkpoint": checkpoint}),
         )
         node = Node(config)
@@ -265,6 +268,8 @@ def run_demo(
             "job": job.id,
             "state": job.state,
             "last_error": job.last_error,
+            "quality_gate": "failed (forwarded, flagged)" if job.flagged else "passed",
+            "model_version": job.model_version,
             "derived_instances": len(derived),
         }
         rows = ""

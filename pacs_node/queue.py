@@ -595,6 +595,36 @@ class Queue:
             for r in rows
         ]
 
+    def expired_files(
+        self, older_than: float, limit: int = 1000
+    ) -> list[tuple[int, str, str | None]]:
+        """(instance id, path, derived path) of delivered instances of done jobs finished before
+        ``older_than`` whose files have not been removed yet (retention)."""
+        j, i = jobs.c, instances.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(i.id, i.path, i.derived_path)
+                .join(jobs, j.id == i.job_id)
+                .where(
+                    j.state == JobState.DONE.value,
+                    j.updated_at < older_than,
+                    i.state == InstanceState.DELIVERED.value,
+                    i.path != "",
+                )
+                .limit(limit)
+            ).all()
+        return [(int(r.id), r.path, r.derived_path) for r in rows]
+
+    def forget_files(self, ids: list[int]) -> None:
+        """Record that the files of these instances were removed."""
+        if ids:
+            with self.transaction() as conn:
+                conn.execute(
+                    instances.update()
+                    .where(instances.c.id.in_(ids))
+                    .values(path="", derived_path=None)
+                )
+
     def count_by_state(self) -> dict[str, int]:
         j = jobs.c
         with self.engine.connect() as conn:

@@ -101,8 +101,12 @@ class Worker:
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:
         self.stopping = stop
         q = self.config.queue
+        next_sweep = 0.0
         while not stop.is_set():
             try:
+                if time.monotonic() >= next_sweep:
+                    self.sweep()
+                    next_sweep = time.monotonic() + 300
                 self.queue.reap(q.stale_after_seconds)
                 claim = self.queue.claim(self.name, q.series_quiet_seconds)
             except Exception:
@@ -313,13 +317,31 @@ class Worker:
             self.queue.mark_delivered(claim, batch)
 
     def _retain(self, claim: Claim) -> None:
-        """Remove the job's delivered files unless storage.keep_days keeps them."""
+        """Remove the job's delivered files now, unless storage.keep_days keeps them (then the
+        periodic sweep removes them once they are that old)."""
         if self.config.storage.keep_days > 0:
             return
-        for _, path, derived in self.queue.pending_instances(claim, InstanceState.DELIVERED):
-            self.storage.remove(Path(path))
+        done = self.queue.pending_instances(claim, InstanceState.DELIVERED)
+        self._remove_files(done)
+
+    def sweep(self) -> int:
+        """Remove files of jobs delivered more than storage.keep_days ago."""
+        keep = self.config.storage.keep_days
+        if keep <= 0:
+            return 0
+        expired = self.queue.expired_files(time.time() - keep * 86400)
+        self._remove_files(expired)
+        if expired:
+            logger.info("retention: removed the files of %d delivered instances", len(expired))
+        return len(expired)
+
+    def _remove_files(self, items: list[tuple[int, str, str | None]]) -> None:
+        for _, path, derived in items:
+            if path:
+                self.storage.remove(Path(path))
             if derived:
                 self.storage.remove(Path(derived))
+        self.queue.forget_files([iid for iid, _, _ in items])
 
 
 def denoise_folder(

@@ -200,3 +200,43 @@ def test_sigkill_then_restart_delivers_exactly_the_series(
         assert refs == src
     finally:
         dest.stop()
+
+
+def test_keep_days_keeps_files_until_the_sweep_finds_them_old(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path
+) -> None:
+    import sqlite3
+
+    from pacs_node.config import load
+    from pacs_node.queue import Queue
+    from pacs_node.storage import Storage
+    from pacs_node.worker import Worker
+
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1)
+        node.config.write_text(
+            node.config.read_text().replace(
+                "min_free_bytes = 0", "min_free_bytes = 0\nkeep_days = 1"
+            )
+        )
+        node.start()
+        assert (
+            node.storescu(*map(str, make_series(tmp_path / "s", n=3, noise_sd=10))).returncode == 0
+        )
+        wait_for(lambda: node.status()[0]["state"] == "done", 60, "job done")
+        node.stop()
+        received = list((node.tmp / "var" / "received").glob("*/*.dcm"))
+        assert len(received) == 3 and len(list((node.tmp / "var" / "derived").glob("*/*.dcm"))) == 3
+        cfg = load(node.config)
+        queue, storage = Queue(cfg.queue.database_url), Storage(cfg.storage.data_dir)
+        worker = Worker(cfg, queue, storage, denoiser=None)  # type: ignore[arg-type]
+        assert worker.sweep() == 0  # delivered just now: kept
+        with sqlite3.connect(node.tmp / "var" / "jobs.sqlite") as con:
+            con.execute("UPDATE jobs SET updated_at = updated_at - 2 * 86400")
+        assert worker.sweep() == 3
+        assert list((node.tmp / "var" / "received").glob("*/*.dcm")) == []
+        assert list((node.tmp / "var" / "derived").glob("*/*.dcm")) == []
+        assert worker.sweep() == 0
+    finally:
+        dest.stop()

@@ -19,10 +19,10 @@ from unit_model.checkpoint import SHIPPED
 
 @pytest.fixture(scope="module")
 def quarter_dose(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """A 30-slice quarter-dose synthetic series at the training data's pixel size (0.74 mm)."""
+    """A 30-slice quarter-dose synthetic series (256^2 over a 380 mm field of view)."""
     out = tmp_path_factory.mktemp("ld")
     synth.synthesize(
-        out, cases=1, dose=0.25, seed=42, size=256, slices=30, fov_mm=190.0, extras=False
+        out, cases=1, dose=0.25, seed=42, size=256, slices=30, fov_mm=380.0, extras=False
     )
     return sorted(out.rglob("1.000000-Low Dose Images-*/*.dcm"))
 

@@ -100,3 +100,16 @@ def test_port_in_use_is_one_clear_line(write_config, tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "cannot start" in out and "Traceback" not in out
+
+
+def test_json_logs_are_one_object_per_line(node_factory, tmp_path: Path) -> None:
+    import json
+
+    from tests.conftest import make_series
+
+    node = node_factory('[logging]\nformat = "json"\n').start()
+    assert node.storescu(*map(str, make_series(tmp_path / "s", n=2))).returncode == 0
+    node.stop()
+    lines = [json.loads(line) for line in node.log().splitlines() if line.strip()]
+    assert any("association from STORESCU" in rec["message"] for rec in lines)
+    assert all({"time", "level", "logger", "message"} <= set(rec) for rec in lines)

@@ -127,12 +127,9 @@ def retry(
     queue = Queue(cfg.queue.database_url)
     try:
         queue.migrate()
-        if not queue.retry(job):
-            rows = queue.list_jobs(job_id=job)
-            state = rows[0].state if rows else None
-            raise _fail(
-                f"job {job} " + (f"is {state}, not failed" if state else "does not exist"), 1
-            )
+        problem = queue.retry(job)
+        if problem:
+            raise _fail(problem, 1)
     finally:
         queue.dispose()
     typer.echo(f"job {job} requeued")

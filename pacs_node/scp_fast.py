@@ -6,7 +6,8 @@ several of those naps. Here both naps become waits that end as soon as there is 
 thread selects on its socket plus a wake-up socketpair that is written whenever something is
 queued for it; the association thread waits on an Event set whenever a DIMSE message or an ACSE
 primitive is queued for it. Every wait is bounded (50 ms), so timers and kill flags are still
-seen. Nothing else in pynetdicom changes.
+seen. It also closes a race in which the reactor steals a response meant for a sender on the
+same association (see ``guarded_get_msg``). Nothing else in pynetdicom changes.
 
 This reaches into pynetdicom internals, so it is written for, and only installed on, the 3.0
 release line (pinned in pyproject.toml). On any other version, or if the internals it needs are
@@ -116,6 +117,21 @@ def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
         _notify_on_put(dul.event_queue, lambda: _wake_dul(dul))
         self._ldct_wait = assoc_wait
         dul._ldct_wait = _dul_wait(dul)
+
+        # Close pynetdicom's reactor race (its issues #435, #875): a sender pauses the reactor by
+        # clearing _reactor_checkpoint and waiting for _is_paused, but a reactor that has just
+        # passed the checkpoint still shows _is_paused and can take the sender's response off
+        # the queue ("Received unexpected C-STORE service message", then a DIMSE time-out).
+        # Here the reactor's own look at the queue yields nothing while a sender holds it.
+        get_msg = dimse.get_msg
+        checkpoint = self._reactor_checkpoint
+
+        def guarded_get_msg(block: bool = False) -> Any:
+            if threading.current_thread() is self and not checkpoint.is_set():
+                return None, None
+            return get_msg(block)
+
+        dimse.get_msg = guarded_get_msg
 
     return __init__
 

@@ -123,7 +123,8 @@ def test_failed_job_visible_and_retry_requeues(
     node = node_factory(
         node_config(dest.port, tiny_checkpoint, MECHANICS).replace(
             "max_attempts = 30", "max_attempts = 2"
-        )
+        ),
+        workers=1,
     ).start()
     assert node.storescu(*map(str, make_series(tmp_path / "s", n=4, noise_sd=10))).returncode == 0
     wait_for(lambda: node.status()[0]["state"] == "failed", 60, "job to fail")

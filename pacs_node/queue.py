@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as _pg_insert
+from sqlalchemy.dialects.sqlite import insert as _sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -223,11 +225,22 @@ class Queue:
     def _record(
         self, conn: Connection, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float
     ) -> int:
+        # Two statements on the hot path: bump the series' open job (or open one), then upsert
+        # the instance. Receiving runs once per C-STORE, so this is kept lean.
         j = jobs.c
-        row = conn.execute(
-            sa.select(j.id, j.state).where(j.series_uid == series_uid, j.state.not_in(FINISHED))
-        ).first()
-        if row is None:
+        job_id = conn.execute(
+            jobs.update()
+            .where(j.series_uid == series_uid, j.state.not_in(FINISHED))
+            .values(
+                last_instance_at=now,
+                updated_at=now,
+                state=sa.case(
+                    (j.state == JobState.READY.value, JobState.RECEIVING.value), else_=j.state
+                ),
+            )
+            .returning(j.id)
+        ).scalar()
+        if job_id is None:
             last_round = conn.execute(
                 sa.select(sa.func.coalesce(sa.func.max(j.round), 0)).where(
                     j.series_uid == series_uid
@@ -248,40 +261,23 @@ class Queue:
                 )
                 .returning(j.id)
             ).scalar_one()
-        else:
-            job_id = row.id
-            values: dict[str, Any] = {"last_instance_at": now, "updated_at": now}
-            if row.state == JobState.READY.value:
-                values["state"] = JobState.RECEIVING.value
-            conn.execute(jobs.update().where(j.id == job_id).values(**values))
-        i = instances.c
-        updated = conn.execute(
-            instances.update()
-            .where(i.sop_instance_uid == sop_uid)
-            .values(
-                job_id=job_id,
-                series_uid=series_uid,
-                path=path,
-                state=InstanceState.RECEIVED.value,
-                received_at=now,
-                updated_at=now,
-                derived_uid=None,
-                derived_path=None,
-                last_error=None,
+        values = {
+            "job_id": job_id,
+            "series_uid": series_uid,
+            "path": path,
+            "state": InstanceState.RECEIVED.value,
+            "received_at": now,
+            "updated_at": now,
+            "derived_uid": None,
+            "derived_path": None,
+            "last_error": None,
+        }
+        insert = (_pg_insert if self.is_postgres else _sqlite_insert)(instances)
+        conn.execute(
+            insert.values(sop_instance_uid=sop_uid, **values).on_conflict_do_update(
+                index_elements=["sop_instance_uid"], set_=values
             )
-        ).rowcount
-        if not updated:
-            conn.execute(
-                instances.insert().values(
-                    job_id=job_id,
-                    sop_instance_uid=sop_uid,
-                    series_uid=series_uid,
-                    path=path,
-                    state=InstanceState.RECEIVED.value,
-                    received_at=now,
-                    updated_at=now,
-                )
-            )
+        )
         return int(job_id)
 
     def known_paths(self) -> set[str]:

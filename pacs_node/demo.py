@@ -211,8 +211,6 @@ def run_demo(
             "--seed",
             "7",
         ]
-        if size < 512:  # keep the training data's pixel size (0.74 mm) on smaller matrices
-            synth += ["--fov-mm", str(380.0 * size / 512)]
         print(f"1/5 making a synthetic quarter-dose CT series ({slices} slices, {size}x{size})")
         subprocess.run(synth, check=True, capture_output=True)
         low = sorted((work / "synth").rglob("1.000000-Low Dose Images-*/*.dcm"))

@@ -86,9 +86,6 @@ class Node:
                 str(denoiser.dtype).removeprefix("torch."),
             )
         self.queue.migrate()
-        if self.scp is not None:
-            recover(self.storage, self.queue)
-            self.scp.start()
         if self.config.http.enabled:
             h = self.config.http
             self.http = HttpServer(
@@ -100,6 +97,9 @@ class Node:
                 model_loaded=None if not self.n_workers else denoiser is not None,
             )
             self.http.start()
+        if self.scp is not None:
+            recover(self.storage, self.queue)
+            self.scp.start()
         for n in range(self.n_workers):
             assert denoiser is not None
             w = Worker(self.config, self.queue, self.storage, denoiser, metrics=self.metrics)

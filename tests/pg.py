@@ -81,8 +81,21 @@ class PostgresServer:
     def stop(self) -> None:
         """Fast shutdown: open sessions are cut, as when a database server goes away."""
         if self.proc and self.proc.poll() is None:
-            subprocess.run([*self.as_user, _bin("pg_ctl"), "-D", str(self.dir / "data"), "stop",
-                            "-m", "fast", "-w", "-t", "30"], capture_output=True)
+            subprocess.run(
+                [
+                    *self.as_user,
+                    _bin("pg_ctl"),
+                    "-D",
+                    str(self.dir / "data"),
+                    "stop",
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "30",
+                ],
+                capture_output=True,
+            )
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:

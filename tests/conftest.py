@@ -150,7 +150,8 @@ class NodeProcess:
                 lambda: port_open(self.port) or self.proc.poll() is not None, 90, "node to listen"
             )
             assert self.proc.poll() is None, self.log()
-            if self.verb == "serve" and f"[http]\nport = {self.http_port}" in self.config.read_text():
+            http_on = f"[http]\nport = {self.http_port}" in self.config.read_text()
+            if self.verb == "serve" and http_on:
                 wait_for(lambda: port_open(self.http_port), 30, "the HTTP endpoint")
         return self
 

@@ -211,3 +211,22 @@ def test_heldout_evaluation_leaves_the_generator_trainable(tiny_set: Path) -> No
     assert set(metrics) == {"psnr", "ssim"}
     assert all(p.requires_grad for p in gen.parameters())
     assert gen.training
+
+
+def test_lowpass_option_compares_low_passed_images() -> None:
+    from train.trainer import _lowpass
+
+    g = torch.Generator().manual_seed(1)
+    ld = torch.zeros(1, 1, 16, 16)
+    noisy = ld + 0.1 * torch.randn(1, 1, 16, 16, generator=g)  # zero-mean pixel noise
+    lat = torch.zeros(1, 2, 4, 4)
+    outs = (noisy, ld, ld, ld, lat, lat)
+    plain = losses.generator_losses(
+        ld, ld, outs, outs, torch.ones(1), torch.ones(1), losses.LossWeights()
+    )
+    low = losses.generator_losses(
+        ld, ld, outs, outs, torch.ones(1), torch.ones(1), losses.LossWeights(), lowpass=_lowpass
+    )
+    assert low["self_recon"].item() < 0.5 * plain["self_recon"].item()
+    flat = torch.full((1, 1, 8, 8), 0.3)
+    torch.testing.assert_close(_lowpass(flat), flat)

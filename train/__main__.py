@@ -118,6 +118,9 @@ def fit(
     max_minutes: Annotated[float | None, typer.Option()] = None,
     checkpoint_every: Annotated[int, typer.Option(help="iterations; 0 = every epoch")] = 0,
     body_fraction: Annotated[float, typer.Option(help="min fraction of body in a crop")] = 0.0,
+    recon_lowpass: Annotated[
+        bool, typer.Option(help="reconstruction losses on 5x5 low-passed images")
+    ] = False,
     resume: Annotated[bool, typer.Option(help="continue from RUN_DIR/state.pt")] = False,
     device: str = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
@@ -176,6 +179,7 @@ def fit(
         max_minutes=max_minutes,
         checkpoint_every=checkpoint_every,
         body_fraction=body_fraction,
+        recon_lowpass=recon_lowpass,
     )
     low, full = _load_dirs(low_dose, full_dose, data)
     description: dict[str, Any] = {

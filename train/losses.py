@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -53,14 +54,20 @@ def generator_losses(
     d_ld_fake: Tensor,
     d_hd_fake: Tensor,
     w: LossWeights,
+    lowpass: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """All generator terms and their weighted sum (``total``).
 
     ``outs`` = gen(ld, hd, latents) = (ld2ld, hd2ld, ld2hd, hd2hd, h_ld, h_hd);
     ``cycle_outs`` = gen(hd2ld, ld2hd, latents): its 2nd and 3rd images are ld2hd2ld, hd2ld2hd.
+    With ``lowpass``, the reconstruction terms compare low-passed images, so keeping the noise
+    is no longer rewarded (an option; the reference compares the images themselves).
     """
     ld2ld, _, _, hd2hd, h_ld, h_hd = outs
     _, ld2hd2ld, hd2ld2hd, _, ch_a, ch_b = cycle_outs
+    if lowpass is not None:
+        ld, hd, ld2ld, hd2hd = lowpass(ld), lowpass(hd), lowpass(ld2ld), lowpass(hd2hd)
+        ld2hd2ld, hd2ld2hd = lowpass(ld2hd2ld), lowpass(hd2ld2hd)
     terms = {
         "self_recon": recon_loss(ld, ld2ld) + recon_loss(hd, hd2hd),
         "hidden_kl": kl_loss(torch.cat([h_ld, h_hd])),

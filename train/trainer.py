@@ -55,6 +55,7 @@ class TrainOptions:
     max_minutes: float | None = None
     checkpoint_every: int = 0  # iterations; 0 = each epoch only
     body_fraction: float = 0.0
+    recon_lowpass: bool = False
     amp: bool = True
 
     @property
@@ -82,6 +83,11 @@ def disc_input(x: Tensor, view: DiscView, window: HUWindow) -> Tensor:
         return ((hu - 40.0) / 200.0).clamp(-1, 1)
     blurred = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
     return (x - blurred) * (window.half_width / 50.0)  # 50 HU of detail -> 1
+
+
+def _lowpass(x: Tensor) -> Tensor:
+    """5 x 5 box blur, reflect-padded: what is left when pixel noise is averaged away."""
+    return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
 
 
 def _seed_all(seed: int) -> None:
@@ -234,6 +240,7 @@ class Trainer:
                 d_ld(disc_input(hd2ld, view, win)),
                 d_hd(disc_input(ld2hd, view, win)),
                 o.weights,
+                lowpass=_lowpass if o.recon_lowpass else None,
             )
         terms["total"].backward()
         self.opt_g.step()

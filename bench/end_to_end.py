@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,18 +24,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pacs_node.dicom_io import read_hu  # noqa: E402
-from train.synth import simple_series  # noqa: E402
-from unit_model.denoiser import Denoiser  # noqa: E402
+from common import free_port, start_node
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from pacs_node.dicom_io import read_hu
+from train.synth import simple_series
+from unit_model.denoiser import Denoiser
 
 
 def main() -> None:
@@ -74,28 +68,14 @@ def main() -> None:
             ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
         )
         port = free_port()
-        (work / "config.toml").write_text(
-            f'[node]\nbind = "127.0.0.1"\nport = {port}\n[storage]\nmin_free_bytes = 0\n'
+        node = start_node(
+            work / "node",
+            port,
             f"[queue]\nseries_quiet_seconds = {args.quiet}\n[model]\nbatch_size = {args.batch}\n"
             f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
-            "[http]\nenabled = false\n"
-        )
-        node = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "pacs-node"),
-                "serve",
-                "--config",
-                str(work / "config.toml"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            "[http]\nenabled = false\n",
         )
         try:
-            deadline = time.monotonic() + 120
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("node did not start")
-                time.sleep(0.1)
             t_send = time.perf_counter()
             subprocess.run(
                 [

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,28 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train.synth import simple_series  # noqa: E402
+from common import free_port, start_node, wait_port
+
+from train.synth import simple_series
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def send(port: int, files: list[Path], aec: str) -> float:
@@ -87,29 +71,13 @@ def run_storescp(work: Path, files: list[Path]) -> float:
 
 def run_node(work: Path, files: list[Path]) -> float:
     port = free_port()
-    node = work / "node"
-    node.mkdir()
-    (node / "config.toml").write_text(
-        f'[node]\nbind = "127.0.0.1"\nport = {port}\n'
-        "[storage]\nmin_free_bytes = 0\n[worker]\ncount = 0\n"
-    )
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "pacs-node"),
-            "serve",
-            "--config",
-            str(node / "config.toml"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = start_node(work / "node", port, "[worker]\ncount = 0\n[http]\nenabled = false\n")
     try:
-        wait_port(port)
         return send(port, files, "LDCT_DENOISE")
     finally:
         proc.terminate()
         proc.wait()
-        shutil.rmtree(node)
+        shutil.rmtree(work / "node")
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,16 +21,11 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train.synth import simple_series  # noqa: E402
+from common import free_port, start_node
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from train.synth import simple_series
 
 
 def rss(pid: int) -> int:
@@ -65,25 +59,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         port = free_port()
-        (work / "config.toml").write_text(
-            f'[node]\nbind = "127.0.0.1"\nport = {port}\n[storage]\nmin_free_bytes = 0\n'
+        node = start_node(
+            work,
+            port,
             f"[queue]\nseries_quiet_seconds = 1\n[destination]\nport = {dest_port}\n"
-            "[quality]\nforward_on_failure = true\n[http]\nenabled = false\n"
-        )
-        node = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "pacs-node"),
-                "serve",
-                "--config",
-                str(work / "config.toml"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            "[quality]\nforward_on_failure = true\n[http]\nenabled = false\n",
         )
         peaks: list[int] = []
         try:
-            while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-                time.sleep(0.1)
             baseline = rss(node.pid)
             for r in range(args.rounds):
                 series = [

@@ -64,6 +64,13 @@ class Metrics:
             registry=r,
         )
 
+        self.last_delivery_at: float | None = None
+
+    def observe_delivery(self) -> None:
+        self.delivered.inc()
+        self.last_delivery_at = time.time()
+        self.last_delivery.set(self.last_delivery_at)
+
     def observe_denoise(self, seconds: float, slices: int) -> None:
         self.denoise_seconds.observe(seconds)
         self.slices.inc(slices)
@@ -125,7 +132,7 @@ def health(
         if model_loaded is None
         else ("loaded" if model_loaded else "not loaded")
     )
-    last = metrics.last_delivery._value.get()
+    last = metrics.last_delivery_at
     checks["last_delivery"] = (
         time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last)) if last else None
     )

@@ -95,12 +95,10 @@ class Intake:
         self.metrics = metrics
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
-        self.totals: Counter[str] = Counter()
 
     def _count(self, event: evt.Event, key: str) -> None:
         with self._lock:
             self._per_assoc.setdefault(id(event.assoc), Counter())[key] += 1
-            self.totals[key] += 1
 
     def handle_store(self, event: evt.Event) -> int:
         caller = str(event.assoc.requestor.ae_title).strip()

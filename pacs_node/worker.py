@@ -66,6 +66,39 @@ class SeriesQuality:
         )
 
 
+def denoise_slices(
+    denoiser: Denoiser, hu: list[np.ndarray], quality: SeriesQuality
+) -> tuple[list[np.ndarray], float]:
+    """Denoise slices that may mix matrix sizes (one batch per size); return the outputs in
+    input order and the seconds spent in the network. Adds each batch to ``quality``."""
+    out: list[np.ndarray] = [np.empty(0)] * len(hu)
+    seconds = 0.0
+    for shape in {h.shape for h in hu}:
+        sel = [k for k, h in enumerate(hu) if h.shape == shape]
+        batch = np.stack([hu[k] for k in sel])
+        t0 = time.perf_counter()
+        res = denoiser.denoise_hu(batch)
+        seconds += time.perf_counter() - t0
+        quality.add(batch, res)
+        for n, k in enumerate(sel):
+            out[k] = res[n]
+    return out, seconds
+
+
+def derive_output(
+    config: Config, denoiser: Denoiser, source: pydicom.Dataset, hu: np.ndarray
+) -> pydicom.Dataset:
+    """The derived instance for ``source`` holding ``hu``, labelled as ``[output]`` says."""
+    return derive(
+        source,
+        hu,
+        model_version=denoiser.model_version,
+        software_version=__version__,
+        series_number_offset=config.output.series_number_offset,
+        series_description_suffix=config.output.series_description_suffix,
+    )
+
+
 def load_denoiser(config: Config) -> Denoiser:
     m = config.model
     return Denoiser.from_checkpoint(
@@ -94,7 +127,6 @@ class Worker:
         self.denoiser = denoiser
         self.forwarder = Forwarder(config.destination)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
-        self.stats = {"jobs_done": 0, "jobs_failed": 0, "slices": 0, "denoise_seconds": 0.0}
         self.stopping = threading.Event()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -147,7 +179,6 @@ class Worker:
             state = self.queue.finish(claim)
             if state == JobState.DONE:
                 self._retain(claim)
-                self.stats["jobs_done"] += 1
             logger.info("job %d: %s", claim.job_id, state.value, extra=log)
         except LostClaim as err:
             logger.warning("job %d: %s; leaving it", claim.job_id, err, extra=log)
@@ -167,7 +198,6 @@ class Worker:
             except LostClaim:
                 return
             if state == JobState.FAILED:
-                self.stats["jobs_failed"] += 1
                 logger.error(
                     "job %d failed after %d attempts: %s",
                     claim.job_id,
@@ -184,7 +214,6 @@ class Worker:
                 self.queue.fail(claim, f"{type(err).__name__}: {err}")
             except LostClaim:
                 return
-            self.stats["jobs_failed"] += 1
             logger.error("job %d failed: %s", claim.job_id, err, extra=log)
         finally:
             beat.set()
@@ -224,23 +253,16 @@ class Worker:
                 sources.append(ds)
                 hu.append(slice_hu)
                 ids.append(iid)
-            done = []
-            for shape in {h.shape for h in hu}:  # a series may mix matrix sizes
-                sel = [k for k, h in enumerate(hu) if h.shape == shape]
-                batch = np.stack([hu[k] for k in sel])
-                t0 = time.perf_counter()
-                out = self.denoiser.denoise_hu(batch)
-                seconds = time.perf_counter() - t0
-                self.stats["denoise_seconds"] += seconds
-                self.stats["slices"] += len(sel)
-                if self.metrics:
-                    self.metrics.observe_denoise(seconds, len(sel))
-                quality.add(batch, out)
-                if start <= len(pending) // 2 < start + chunk:  # the series' middle slice
-                    mid = min(len(pending) // 2 - start, len(batch) - 1)
-                    save_thumbnail(self.storage.thumb_path(claim.job_id), batch[mid], out[mid])
-                for n, k in enumerate(sel):
-                    done.append(self._write_derived(claim, ids[k], sources[k], out[n]))
+            outputs, seconds = denoise_slices(self.denoiser, hu, quality)
+            if self.metrics and hu:
+                self.metrics.observe_denoise(seconds, len(hu))
+            middle = len(pending) // 2 - start  # the series' middle slice, if in this chunk
+            if 0 <= middle < len(hu):
+                save_thumbnail(self.storage.thumb_path(claim.job_id), hu[middle], outputs[middle])
+            done = [
+                self._write_derived(claim, iid, src, res)
+                for iid, src, res in zip(ids, sources, outputs, strict=True)
+            ]
             self.queue.mark_denoised(claim, done, self.denoiser.model_version)
         figures = quality.figures()
         return (
@@ -252,15 +274,7 @@ class Worker:
     def _write_derived(
         self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray
     ) -> tuple[int, str, str]:
-        out = self.config.output
-        ds = derive(
-            source,
-            hu,
-            model_version=self.denoiser.model_version,
-            software_version=__version__,
-            series_number_offset=out.series_number_offset,
-            series_description_suffix=out.series_description_suffix,
-        )
+        ds = derive_output(self.config, self.denoiser, source, hu)
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         path = self.storage.derived_path(claim.job_id, str(ds.SOPInstanceUID))
@@ -286,7 +300,6 @@ class Worker:
             return True
         if problems and not cfg.forward_on_failure:
             self.queue.fail(claim, "quality gate: " + "; ".join(problems), quality=record)
-            self.stats["jobs_failed"] += 1
             logger.error("job %d held by the quality gate: %s", claim.job_id, "; ".join(problems))
             return False
         self.queue.set_state(claim, JobState.RUNNING, quality=record, flagged=bool(problems))
@@ -305,8 +318,7 @@ class Worker:
         def delivered(iid: int, _status: int) -> None:
             batch.append(iid)
             if self.metrics:
-                self.metrics.delivered.inc()
-                self.metrics.last_delivery.set(time.time())
+                self.metrics.observe_delivery()
             if len(batch) >= 16:
                 self.queue.mark_delivered(claim, batch)
                 batch.clear()
@@ -368,29 +380,16 @@ def denoise_folder(
             and valid_uid(str(ds.get("SeriesInstanceUID", "")))
         ):
             groups[str(ds.SeriesInstanceUID)].append(ds)
-    out = config.output
     results: dict[str, tuple[int, QualityFigures | None]] = {}
     for series, items in groups.items():
         quality = SeriesQuality()
         for start in range(0, len(items), 32):
             part = items[start : start + 32]
-            hu = [read_hu(ds) for ds in part]
-            for shape in {h.shape for h in hu}:
-                sel = [k for k, h in enumerate(hu) if h.shape == shape]
-                batch = np.stack([hu[k] for k in sel])
-                res = denoiser.denoise_hu(batch)
-                quality.add(batch, res)
-                for n, k in enumerate(sel):
-                    d = derive(
-                        part[k],
-                        res[n],
-                        model_version=denoiser.model_version,
-                        software_version=__version__,
-                        series_number_offset=out.series_number_offset,
-                        series_description_suffix=out.series_description_suffix,
-                    )
-                    target = out_dir / str(d.SeriesInstanceUID) / f"{d.SOPInstanceUID}.dcm"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    d.save_as(target, enforce_file_format=True)
+            outputs, _ = denoise_slices(denoiser, [read_hu(ds) for ds in part], quality)
+            for src, res in zip(part, outputs, strict=True):
+                d = derive_output(config, denoiser, src, res)
+                target = out_dir / str(d.SeriesInstanceUID) / f"{d.SOPInstanceUID}.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                d.save_as(target, enforce_file_format=True)
         results[series] = (len(items), quality.figures())
     return results

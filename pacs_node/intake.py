@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import struct
 import threading
 from collections import Counter
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 
 from pacs_node.http import Metrics
 from pacs_node.queue import Queue
@@ -36,6 +37,35 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
 ]
+
+
+def _meta_element(elem: int, vr: bytes, value: bytes) -> bytes:
+    if len(value) % 2:
+        value += b"\0" if vr == b"UI" else b" "
+    if vr == b"OB":
+        return struct.pack("<HH2s2xI", 2, elem, vr, len(value)) + value
+    return struct.pack("<HH2sH", 2, elem, vr, len(value)) + value
+
+
+def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (PS3.10 7.1) for a received data set.
+
+    Hand-encoded (Explicit VR Little Endian, group 0002): it is written once per C-STORE, and
+    building it through pydicom cost more than the data set's own write. Same elements as
+    pynetdicom's ``Event.file_meta``.
+    """
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\0\1"),
+            _meta_element(0x0002, b"UI", sop_class.encode()),
+            _meta_element(0x0003, b"UI", sop_instance.encode()),
+            _meta_element(0x0010, b"UI", transfer_syntax.encode()),
+            _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
+            _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 2, 0x0000, b"UL", 4, len(body))
+    return b"\0" * 128 + b"DICM" + group_length + body
 
 
 class Refused(Exception):
@@ -139,7 +169,11 @@ class Intake:
         path = self.storage.received_path(series, sop)
         existed = path.exists()
         try:
-            self.storage.write_atomic(path, event.encoded_dataset(include_meta=True))
+            header = part10_header(
+                event.context.abstract_syntax, sop, event.context.transfer_syntax
+            )
+            with event.request.DataSet.getbuffer() as data:  # the bytes as received
+                self.storage.write_atomic(path, [header, data])
         except OSError as err:
             status = (
                 Status.OUT_OF_RESOURCES

@@ -22,8 +22,10 @@ PostgreSQL claims with ``FOR UPDATE SKIP LOCKED``. The schema is made by Alembic
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,6 +108,97 @@ instances = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Index("ix_instances_job_state", "job_id", "state"),
 )
+
+
+# The same predicate as the partial unique index ux_jobs_series_open, so SQLite can use it.
+_OPEN = sa.text("state NOT IN ('done', 'failed')")
+
+
+def _record_statements(insert: Any) -> dict[str, Any]:
+    """The intake transaction's statements, with bind parameters ``p_*``."""
+    j = jobs.c
+    now = sa.bindparam("p_now")
+    bump = (
+        jobs.update()
+        .where(j.series_uid == sa.bindparam("p_series"), _OPEN)
+        .values(
+            last_instance_at=now,
+            updated_at=now,
+            state=sa.case(
+                (j.state == JobState.READY.value, JobState.RECEIVING.value), else_=j.state
+            ),
+        )
+        .returning(j.id)
+    )
+    last_round = (
+        sa.select(sa.func.coalesce(sa.func.max(j.round), 0))
+        .where(j.series_uid == sa.bindparam("p_series"))
+        .scalar_subquery()
+    )
+    open_job = (
+        jobs.insert()
+        .values(
+            series_uid=sa.bindparam("p_series"),
+            study_uid=sa.bindparam("p_study"),
+            round=last_round + 1,
+            state=JobState.RECEIVING.value,
+            created_at=now,
+            updated_at=now,
+            last_instance_at=now,
+            attempts=0,
+            next_attempt_at=0,
+        )
+        .returning(j.id)
+    )
+    values = {
+        "job_id": sa.bindparam("p_job"),
+        "series_uid": sa.bindparam("p_series"),
+        "path": sa.bindparam("p_path"),
+        "state": InstanceState.RECEIVED.value,
+        "received_at": now,
+        "updated_at": now,
+        "derived_uid": None,
+        "derived_path": None,
+        "last_error": None,
+    }
+    upsert = insert(instances).values(sop_instance_uid=sa.bindparam("p_sop"), **values)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={k: getattr(upsert.excluded, k) for k in values},
+    )
+    return {"bump": bump, "open": open_job, "upsert": upsert}
+
+
+_SQLITE_RECORD = _record_statements(_sqlite_insert)
+_PG_RECORD = _record_statements(_pg_insert)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    sql: str
+    order: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def run(self, cur: Any, params: dict[str, Any]) -> Any:
+        merged = {**self.defaults, **params}
+        return cur.execute(self.sql, [merged[k] for k in self.order])
+
+
+@functools.cache
+def _compiled(name: str) -> _Compiled:
+    from sqlalchemy.dialects import sqlite
+
+    c = _SQLITE_RECORD[name].compile(dialect=sqlite.dialect())
+    return _Compiled(c.string, tuple(c.positiontup or ()), dict(c.params))
+
+
+class _SqliteResult:
+    def __init__(self, cursor: Any) -> None:
+        self.cursor = cursor
+
+    def scalar(self) -> Any:
+        row = self.cursor.fetchone()
+        return None if row is None else row[0]
 
 
 class LostClaim(Exception):
@@ -212,73 +305,55 @@ class Queue:
         self, *, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float | None = None
     ) -> int:
         """Record a stored instance and its series' job in one transaction; return the job id."""
-        now = time.time() if now is None else now
+        params = {
+            "p_sop": sop_uid,
+            "p_series": series_uid,
+            "p_study": study_uid,
+            "p_path": path,
+            "p_now": time.time() if now is None else now,
+        }
         for attempt in range(5):
             try:
-                with self.transaction() as conn:
-                    return self._record(conn, sop_uid, series_uid, study_uid, path, now)
-            except IntegrityError:  # another node opened the series' job first: join it
+                if self.is_postgres:
+                    with self.transaction() as conn:
+                        return self._record(
+                            lambda name: conn.execute(_PG_RECORD[name], params), params
+                        )
+                return self._record_sqlite(params)
+            except (IntegrityError, sqlite3.IntegrityError):
+                # another node opened the series' job first: join it
                 if attempt == 4:
                     raise
         raise AssertionError("unreachable")
 
-    def _record(
-        self, conn: Connection, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float
-    ) -> int:
-        # Two statements on the hot path: bump the series' open job (or open one), then upsert
-        # the instance. Receiving runs once per C-STORE, so this is kept lean.
-        j = jobs.c
-        job_id = conn.execute(
-            jobs.update()
-            .where(j.series_uid == series_uid, j.state.not_in(FINISHED))
-            .values(
-                last_instance_at=now,
-                updated_at=now,
-                state=sa.case(
-                    (j.state == JobState.READY.value, JobState.RECEIVING.value), else_=j.state
-                ),
-            )
-            .returning(j.id)
-        ).scalar()
+    @staticmethod
+    def _record(run: Any, params: dict[str, Any]) -> int:
+        # Bump the series' open job (or open the next round), then upsert the instance.
+        job_id = run("bump").scalar()
         if job_id is None:
-            last_round = conn.execute(
-                sa.select(sa.func.coalesce(sa.func.max(j.round), 0)).where(
-                    j.series_uid == series_uid
-                )
-            ).scalar_one()
-            job_id = conn.execute(
-                jobs.insert()
-                .values(
-                    series_uid=series_uid,
-                    study_uid=study_uid,
-                    round=last_round + 1,
-                    state=JobState.RECEIVING.value,
-                    created_at=now,
-                    updated_at=now,
-                    last_instance_at=now,
-                    attempts=0,
-                    next_attempt_at=0,
-                )
-                .returning(j.id)
-            ).scalar_one()
-        values = {
-            "job_id": job_id,
-            "series_uid": series_uid,
-            "path": path,
-            "state": InstanceState.RECEIVED.value,
-            "received_at": now,
-            "updated_at": now,
-            "derived_uid": None,
-            "derived_path": None,
-            "last_error": None,
-        }
-        insert = (_pg_insert if self.is_postgres else _sqlite_insert)(instances)
-        conn.execute(
-            insert.values(sop_instance_uid=sop_uid, **values).on_conflict_do_update(
-                index_elements=["sop_instance_uid"], set_=values
-            )
-        )
+            job_id = run("open").scalar()
+        params["p_job"] = int(job_id)
+        run("upsert")
         return int(job_id)
+
+    def _record_sqlite(self, params: dict[str, Any]) -> int:
+        # The receive hot path, once per C-STORE: the same statements, compiled once, run on the
+        # pooled sqlite3 connection (SQLAlchemy's per-statement overhead was most of its cost).
+        raw = self.engine.raw_connection()
+        try:
+            cur = raw.driver_connection.cursor()  # type: ignore[union-attr]
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                job_id = self._record(
+                    lambda name: _SqliteResult(_compiled(name).run(cur, params)), params
+                )
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            return job_id
+        finally:
+            raw.close()
 
     def known_paths(self) -> set[str]:
         with self.engine.connect() as conn:

@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_node.intake import TRANSFER_SYNTAXES
+from pacs_node.intake import TRANSFER_SYNTAXES, part10_header
 from tests.conftest import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -45,6 +45,27 @@ def transcode(src: list[Path], dest: Path, tool: list[str]) -> list[Path]:
         subprocess.run([*tool, str(p), str(target)], check=True, capture_output=True)
         out.append(target)
     return out
+
+
+@pytest.mark.parametrize("sop_uid", ["1.2.3.4", "1.2.826.0.1.3680043.10.1045.12345678901"])
+def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    ct, ts = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.4.70"
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\0\1"
+    meta.MediaStorageSOPClassUID = ct
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ts
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta)
+    assert part10_header(ct, sop_uid, ts) == b"\0" * 128 + b"DICM" + fp.getvalue()
 
 
 def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) -> None:

@@ -228,5 +228,13 @@ def test_lowpass_option_compares_low_passed_images() -> None:
         ld, ld, outs, outs, torch.ones(1), torch.ones(1), losses.LossWeights(), lowpass=_lowpass
     )
     assert low["self_recon"].item() < 0.5 * plain["self_recon"].item()
+    # "ld": only terms with a low-dose target are low-passed; HD->HD is compared pixel for pixel.
+    hd_noisy = (ld, ld, ld, noisy, lat, lat)
+    args = (ld, ld, hd_noisy, hd_noisy, torch.ones(1), torch.ones(1), losses.LossWeights())
+    plain_hd = losses.generator_losses(*args)
+    ld_only = losses.generator_losses(*args, lowpass=_lowpass, lowpass_hd=False)
+    all_low = losses.generator_losses(*args, lowpass=_lowpass)
+    torch.testing.assert_close(ld_only["self_recon"], plain_hd["self_recon"])
+    assert all_low["self_recon"].item() < 0.5 * plain_hd["self_recon"].item()
     flat = torch.full((1, 1, 8, 8), 0.3)
     torch.testing.assert_close(_lowpass(flat), flat)

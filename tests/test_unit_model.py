@@ -66,10 +66,32 @@ def test_discriminator_shape_and_init() -> None:
     assert abs(w.std().item() - 0.01) < 0.003
 
 
-def test_residual_output_starts_as_identity() -> None:
-    gen = UnitGenerator(GeneratorConfig(filters=8, residual_output=True)).eval()
+@pytest.mark.parametrize("image_skip", [False, True])
+def test_residual_output_starts_as_identity(image_skip: bool) -> None:
+    cfg = GeneratorConfig(filters=8, residual_output=True, image_skip=image_skip)
+    gen = UnitGenerator(cfg).eval()
     x = torch.rand(1, 1, 32, 32) * 2 - 1
     assert torch.equal(gen.translator()(x), x)
+
+
+def test_image_skip_gives_the_head_a_full_resolution_view() -> None:
+    # With the upsampled latent's share of the head silenced, the correction at a pixel must
+    # still respond to the input, and only within the 9 x 9 reach of the skip conv3 + head conv7.
+    torch.manual_seed(0)
+    f = 8
+    gen = UnitGenerator(GeneratorConfig(filters=f, residual_output=True, image_skip=True)).eval()
+    with torch.no_grad():
+        gen.dec_hd.head.weight.normal_(0, 0.05)
+        gen.dec_hd.head.weight[:, :f] = 0
+    x = (0.1 * torch.randn(1, 1, 32, 32)).requires_grad_()
+    (gen.translator()(x) - x)[0, 0, 16, 16].backward()
+    g = x.grad[0, 0].abs()
+    assert g[16, 16] > 0
+    outside = g.clone()
+    outside[12:21, 12:21] = 0
+    assert outside.max() == 0
+    with pytest.raises(ValueError, match="needs residual_output"):
+        GeneratorConfig(image_skip=True)
 
 
 def test_other_upsampling_keeps_shapes() -> None:

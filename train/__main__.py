@@ -109,9 +109,14 @@ def fit(
         bool, typer.Option(help="decoders predict a correction, start as identity")
     ] = False,
     residual_scale: Annotated[float, typer.Option(help="largest correction, network units")] = 0.25,
+    image_skip: Annotated[
+        bool, typer.Option(help="decoders see the full-resolution image (needs --residual-output)")
+    ] = False,
     window_lower: float = -1024.0,
     window_upper: float = 3071.0,
-    disc_view: Annotated[str, typer.Option(help="image | soft_tissue | highpass")] = "image",
+    disc_view: Annotated[
+        str, typer.Option(help="image | soft_tissue | highpass | noise_energy")
+    ] = "image",
     disc_init_std: Annotated[float, typer.Option(help="0 = torch default init")] = 0.01,
     seed: int = 0,
     max_iterations: Annotated[int | None, typer.Option()] = None,
@@ -119,8 +124,12 @@ def fit(
     checkpoint_every: Annotated[int, typer.Option(help="iterations; 0 = every epoch")] = 0,
     body_fraction: Annotated[float, typer.Option(help="min fraction of body in a crop")] = 0.0,
     recon_lowpass: Annotated[
-        bool, typer.Option(help="reconstruction losses on 5x5 low-passed images")
-    ] = False,
+        str,
+        typer.Option(
+            help="reconstruction losses on 5x5 low-passed images: none | all | ld (only those "
+            "with a low-dose target)"
+        ),
+    ] = "none",
     resume: Annotated[bool, typer.Option(help="continue from RUN_DIR/state.pt")] = False,
     device: str = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
@@ -146,41 +155,45 @@ def fit(
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
-    opts = TrainOptions(
-        epochs=epochs,
-        batch_size=batch_size,
-        crop=crop,
-        lr=lr,
-        disc_lr=disc_lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        weights=LossWeights(
-            self_recon_weight,
-            hidden_kl_weight,
-            cycle_weight,
-            cycle_hidden_kl_weight,
-            adv_weight,
-            disc_weight,
-            cycle_ld_factor,
-        ),
-        generator=GeneratorConfig(
-            residual_scale=residual_scale,
-            filters=filters,
-            upsample=upsample,  # type: ignore[arg-type]
-            residual_output=residual_output,
-        ),
-        window_lower=window_lower,
-        window_upper=window_upper,
-        disc_view=disc_view,  # type: ignore[arg-type]
-        disc_init_std=disc_init_std,
-        seed=seed,
-        max_iterations=max_iterations,
-        max_minutes=max_minutes,
-        checkpoint_every=checkpoint_every,
-        body_fraction=body_fraction,
-        recon_lowpass=recon_lowpass,
-    )
+    try:
+        opts = TrainOptions(
+            epochs=epochs,
+            batch_size=batch_size,
+            crop=crop,
+            lr=lr,
+            disc_lr=disc_lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            weights=LossWeights(
+                self_recon_weight,
+                hidden_kl_weight,
+                cycle_weight,
+                cycle_hidden_kl_weight,
+                adv_weight,
+                disc_weight,
+                cycle_ld_factor,
+            ),
+            generator=GeneratorConfig(
+                residual_scale=residual_scale,
+                filters=filters,
+                upsample=upsample,  # type: ignore[arg-type]
+                residual_output=residual_output,
+                image_skip=image_skip,
+            ),
+            window_lower=window_lower,
+            window_upper=window_upper,
+            disc_view=disc_view,  # type: ignore[arg-type]
+            disc_init_std=disc_init_std,
+            seed=seed,
+            max_iterations=max_iterations,
+            max_minutes=max_minutes,
+            checkpoint_every=checkpoint_every,
+            body_fraction=body_fraction,
+            recon_lowpass=recon_lowpass,  # type: ignore[arg-type]
+        )
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     low, full = _load_dirs(low_dose, full_dose, data)
     description: dict[str, Any] = {
         "low_dose_series": len(low),

@@ -55,19 +55,24 @@ def generator_losses(
     d_hd_fake: Tensor,
     w: LossWeights,
     lowpass: Callable[[Tensor], Tensor] | None = None,
+    lowpass_hd: bool = True,
 ) -> dict[str, Tensor]:
     """All generator terms and their weighted sum (``total``).
 
     ``outs`` = gen(ld, hd, latents) = (ld2ld, hd2ld, ld2hd, hd2hd, h_ld, h_hd);
     ``cycle_outs`` = gen(hd2ld, ld2hd, latents): its 2nd and 3rd images are ld2hd2ld, hd2ld2hd.
-    With ``lowpass``, the reconstruction terms compare low-passed images, so keeping the noise
-    is no longer rewarded (an option; the reference compares the images themselves).
+    With ``lowpass``, reconstruction terms compare low-passed images, so keeping the noise is no
+    longer rewarded (an option; the reference compares the images themselves): all of them, or,
+    with ``lowpass_hd=False``, only those whose target is a low-dose image, so the HD->LD->HD
+    cycle still asks for the regular-dose image back, pixel for pixel, from the noise the
+    HD->LD path added.
     """
     ld2ld, _, _, hd2hd, h_ld, h_hd = outs
     _, ld2hd2ld, hd2ld2hd, _, ch_a, ch_b = cycle_outs
     if lowpass is not None:
-        ld, hd, ld2ld, hd2hd = lowpass(ld), lowpass(hd), lowpass(ld2ld), lowpass(hd2hd)
-        ld2hd2ld, hd2ld2hd = lowpass(ld2hd2ld), lowpass(hd2ld2hd)
+        ld, ld2ld, ld2hd2ld = lowpass(ld), lowpass(ld2ld), lowpass(ld2hd2ld)
+        if lowpass_hd:
+            hd, hd2hd, hd2ld2hd = lowpass(hd), lowpass(hd2hd), lowpass(hd2ld2hd)
     terms = {
         "self_recon": recon_loss(ld, ld2ld) + recon_loss(hd, hd2hd),
         "hidden_kl": kl_loss(torch.cat([h_ld, h_hd])),

@@ -16,7 +16,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -31,7 +31,8 @@ from unit_model.transforms import HUWindow
 
 logger = logging.getLogger(__name__)
 
-DiscView = Literal["image", "soft_tissue", "highpass"]
+DiscView = Literal["image", "soft_tissue", "highpass", "noise_energy"]
+ReconLowpass = Literal["none", "all", "ld"]
 
 
 @dataclass
@@ -55,8 +56,14 @@ class TrainOptions:
     max_minutes: float | None = None
     checkpoint_every: int = 0  # iterations; 0 = each epoch only
     body_fraction: float = 0.0
-    recon_lowpass: bool = False
+    recon_lowpass: ReconLowpass = "none"
     amp: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("disc_view", DiscView), ("recon_lowpass", ReconLowpass)):
+            value, choices = getattr(self, name), get_args(allowed)
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
     @property
     def window(self) -> HUWindow:
@@ -69,6 +76,8 @@ class TrainOptions:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainOptions:
         d = dict(d)
+        if isinstance(d.get("recon_lowpass"), bool):  # written before "ld" existed
+            d["recon_lowpass"] = "all" if d["recon_lowpass"] else "none"
         d["weights"] = LossWeights(**d["weights"])
         d["generator"] = GeneratorConfig.from_dict(d["generator"])
         return cls(**d)
@@ -81,8 +90,11 @@ def disc_input(x: Tensor, view: DiscView, window: HUWindow) -> Tensor:
     if view == "soft_tissue":  # C40 / W400, rescaled to [-1, 1]
         hu = window.to_hu(x)
         return ((hu - 40.0) / 200.0).clamp(-1, 1)
-    blurred = F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
-    return (x - blurred) * (window.half_width / 50.0)  # 50 HU of detail -> 1
+    detail = (x - _lowpass(x)) * (window.half_width / 50.0)  # 50 HU of detail -> 1
+    if view == "highpass":
+        return detail
+    # noise_energy: log of the local (5 x 5) power of the detail, where dose shows as a level shift
+    return torch.log(_lowpass(detail * detail) + 1e-3)
 
 
 def _lowpass(x: Tensor) -> Tensor:
@@ -240,7 +252,8 @@ class Trainer:
                 d_ld(disc_input(hd2ld, view, win)),
                 d_hd(disc_input(ld2hd, view, win)),
                 o.weights,
-                lowpass=_lowpass if o.recon_lowpass else None,
+                lowpass=None if o.recon_lowpass == "none" else _lowpass,
+                lowpass_hd=o.recon_lowpass == "all",
             )
         terms["total"].backward()
         self.opt_g.step()

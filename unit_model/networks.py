@@ -28,7 +28,10 @@ class GeneratorConfig:
     ``residual_output`` and ``upsample="resize_conv"`` are product options, off by default:
     with a residual output each decoder predicts a bounded correction to its input,
     ``out = clamp(x + residual_scale * tanh(raw), -1, 1)``, and its last conv starts at zero so the
-    untrained network is the identity.
+    untrained network is the identity. ``image_skip`` (needs ``residual_output``) gives each
+    decoder's last conv a full-resolution view of the image it corrects (conv3 + ReLU features
+    concatenated to the upsampled ones), so pixel-level noise need not pass the 1/4-resolution,
+    noise-injected latent to be subtracted.
     """
 
     channels: int = 1
@@ -39,6 +42,7 @@ class GeneratorConfig:
     upsample: Literal["transpose", "resize_conv"] = "transpose"
     residual_output: bool = False
     residual_scale: float = 0.25
+    image_skip: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +54,10 @@ class GeneratorConfig:
         if unknown:
             raise ValueError(f"unknown generator settings {sorted(unknown)}")
         return cls(**data)
+
+    def __post_init__(self) -> None:
+        if self.image_skip and not self.residual_output:
+            raise ValueError("image_skip needs residual_output")
 
 
 class ResidualBlock(nn.Module):
@@ -117,10 +125,22 @@ class Decoder(nn.Module):
             nn.InstanceNorm2d(f),
             nn.ReLU(inplace=True),
         )
-        self.head = nn.Conv2d(f, cfg.channels, 7, padding=3, padding_mode="reflect")
+        self.skip: nn.Module | None = None
+        head_in = f
+        if cfg.image_skip:
+            self.skip = nn.Sequential(
+                nn.Conv2d(cfg.channels, f, 3, padding=1, padding_mode="reflect"),
+                nn.ReLU(inplace=True),
+            )
+            head_in = 2 * f
+        self.head = nn.Conv2d(head_in, cfg.channels, 7, padding=3, padding_mode="reflect")
 
     def forward(self, h: Tensor, source: Tensor | None = None) -> Tensor:
-        raw = self.head(self.layers(h))
+        features = self.layers(h)
+        if self.skip is not None:
+            assert source is not None, "an image-skip decoder needs the image it corrects"
+            features = torch.cat([features, self.skip(source)], dim=1)
+        raw = self.head(features)
         if not self.cfg.residual_output:
             return torch.tanh(raw)
         assert source is not None, "a residual decoder needs the image it corrects"

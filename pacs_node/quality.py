@@ -25,6 +25,16 @@ class QualityFigures:
         return asdict(self)
 
 
+def _smoothed(img: np.ndarray, step: int) -> np.ndarray:
+    """Gaussian (sigma 2 px) smoothing, then every ``step``-th pixel; for step 2 on even sizes the
+    same from 2 x 2 block means and sigma 1, at a quarter of the cost."""
+    x = img.astype(np.float32)
+    h, w = x.shape
+    if step == 2 and h % 2 == 0 and w % 2 == 0:
+        return ndimage.gaussian_filter(x.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)), 1.0)
+    return ndimage.gaussian_filter(x, 2.0)[::step, ::step]
+
+
 def find_uniform_regions(
     slices: np.ndarray,
     half: int = 0,
@@ -34,10 +44,14 @@ def find_uniform_regions(
     """Up to ``per_slice`` flat soft-tissue squares of side 2*half per slice of [N, H, W] HU."""
     n, h, w = slices.shape
     half = half or max(3, min(h, w) // 40)
-    size = 2 * half
+    # The search runs on a smoothed slice at half resolution: four times less filtering,
+    # regions placed to within a pixel.
+    step = 2 if half >= 6 else 1
+    hs = half // step
+    size = 2 * hs
     regions: list[Region] = []
     for k in range(n):
-        smooth = ndimage.gaussian_filter(slices[k].astype(np.float32), 2.0)
+        smooth = _smoothed(slices[k], step)
         mean = ndimage.uniform_filter(smooth, size)
         sq = ndimage.uniform_filter(smooth * smooth, size)
         flatness = np.sqrt(np.clip(sq - mean * mean, 0, None))
@@ -46,15 +60,17 @@ def find_uniform_regions(
         lo = ndimage.minimum_filter(smooth, size) > hu_range[0] - 100
         hi = ndimage.maximum_filter(smooth, size) < hu_range[1] + 100
         ok &= lo & hi
-        ok[:half, :] = ok[-half:, :] = False
-        ok[:, :half] = ok[:, -half:] = False
+        margin = hs + 1
+        ok[:margin, :] = ok[-margin:, :] = False
+        ok[:, :margin] = ok[:, -margin:] = False
         score = np.where(ok, flatness, np.inf)
+        ws = smooth.shape[1]
         for _ in range(per_slice):
             idx = int(np.argmin(score))
             if not np.isfinite(score.flat[idx]):
                 break
-            r, c = divmod(idx, w)
-            regions.append((k, r, c, half))
+            r, c = divmod(idx, ws)
+            regions.append((k, r * step, c * step, half))
             score[max(0, r - 2 * size) : r + 2 * size, max(0, c - 2 * size) : c + 2 * size] = np.inf
     return regions
 

@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,39 +238,62 @@ class Worker:
             return None
         quality = SeriesQuality()
         chunk = max(self.config.model.batch_size, 16)
-        for start in range(0, len(pending), chunk):
-            if self.stopping.is_set():
-                raise Interrupted
-            part = pending[start : start + chunk]
-            sources, hu, ids = [], [], []
-            for iid, path, _ in part:
-                try:
-                    ds = pydicom.dcmread(path)
-                    slice_hu = read_hu(ds)
-                except (PermanentError, OSError, pydicom.errors.InvalidDicomError) as err:
-                    self.queue.mark_instance_failed(claim, iid, str(err))
-                    logger.error("job %d: instance %d cannot be read: %s", claim.job_id, iid, err)
-                    continue
-                sources.append(ds)
-                hu.append(slice_hu)
-                ids.append(iid)
-            outputs, seconds = denoise_slices(self.denoiser, hu, quality)
-            if self.metrics and hu:
-                self.metrics.observe_denoise(seconds, len(hu))
-            middle = len(pending) // 2 - start  # the series' middle slice, if in this chunk
-            if 0 <= middle < len(hu):
-                save_thumbnail(self.storage.thumb_path(claim.job_id), hu[middle], outputs[middle])
-            done = [
-                self._write_derived(claim, iid, src, res)
-                for iid, src, res in zip(ids, sources, outputs, strict=True)
-            ]
-            self.queue.mark_denoised(claim, done, self.denoiser.model_version)
+        # Each chunk's derived files are encoded, written (fsync) and recorded on a helper thread
+        # while the network works on the next chunk; one chunk in flight keeps the order.
+        with ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-write") as writer:
+            in_flight: Future[None] | None = None
+            for start in range(0, len(pending), chunk):
+                if self.stopping.is_set():
+                    if in_flight is not None:
+                        in_flight.result()
+                    raise Interrupted
+                part = pending[start : start + chunk]
+                sources, hu, ids = [], [], []
+                for iid, path, _ in part:
+                    try:
+                        ds = pydicom.dcmread(path)
+                        slice_hu = read_hu(ds)
+                    except (PermanentError, OSError, pydicom.errors.InvalidDicomError) as err:
+                        self.queue.mark_instance_failed(claim, iid, str(err))
+                        logger.error(
+                            "job %d: instance %d cannot be read: %s", claim.job_id, iid, err
+                        )
+                        continue
+                    sources.append(ds)
+                    hu.append(slice_hu)
+                    ids.append(iid)
+                outputs, seconds = denoise_slices(self.denoiser, hu, quality)
+                if self.metrics and hu:
+                    self.metrics.observe_denoise(seconds, len(hu))
+                middle = len(pending) // 2 - start  # the series' middle slice, if in this chunk
+                if 0 <= middle < len(hu):
+                    save_thumbnail(
+                        self.storage.thumb_path(claim.job_id), hu[middle], outputs[middle]
+                    )
+                if in_flight is not None:
+                    in_flight.result()  # its errors (e.g. LostClaim) surface here
+                in_flight = writer.submit(self._write_chunk, claim, ids, sources, outputs)
+            if in_flight is not None:
+                in_flight.result()
         figures = quality.figures()
         return (
             figures
             if figures is not None
             else QualityFigures(float("nan"), float("nan"), float("nan"), 0)
         )
+
+    def _write_chunk(
+        self,
+        claim: Claim,
+        ids: list[int],
+        sources: list[pydicom.Dataset],
+        outputs: list[np.ndarray],
+    ) -> None:
+        done = [
+            self._write_derived(claim, iid, src, res)
+            for iid, src, res in zip(ids, sources, outputs, strict=True)
+        ]
+        self.queue.mark_denoised(claim, done, self.denoiser.model_version)
 
     def _write_derived(
         self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray

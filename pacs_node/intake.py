@@ -10,11 +10,13 @@ import logging
 import struct
 import threading
 from collections import Counter
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from pacs_node.http import Metrics
 from pacs_node.queue import Queue
@@ -172,7 +174,9 @@ class Intake:
             header = part10_header(
                 event.context.abstract_syntax, sop, event.context.transfer_syntax
             )
-            with event.request.DataSet.getbuffer() as data:  # the bytes as received
+            request = cast(C_STORE, event.request)
+            received = cast(BytesIO, request.DataSet)
+            with received.getbuffer() as data:  # the bytes as received, not copied
                 self.storage.write_atomic(path, [header, data])
         except OSError as err:
             status = (

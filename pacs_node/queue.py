@@ -117,7 +117,7 @@ _OPEN = sa.text("state NOT IN ('done', 'failed')")
 def _record_statements(insert: Any) -> dict[str, Any]:
     """The intake transaction's statements, with bind parameters ``p_*``."""
     j = jobs.c
-    now = sa.bindparam("p_now")
+    now: Any = sa.bindparam("p_now")
     bump = (
         jobs.update()
         .where(j.series_uid == sa.bindparam("p_series"), _OPEN)

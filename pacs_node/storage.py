@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Storage:
     def has_room(self) -> bool:
         return self.min_free_bytes <= 0 or self.free_bytes() >= self.min_free_bytes
 
-    def write_atomic(self, path: Path, chunks: bytes | list[bytes]) -> None:
+    def write_atomic(self, path: Path, chunks: bytes | Sequence[bytes | memoryview]) -> None:
         """Write to a temporary file, fsync, rename into place, fsync the folder.
 
         Either the whole file is at ``path`` afterwards (replacing any earlier one) or nothing

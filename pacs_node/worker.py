@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,7 +287,7 @@ class Worker:
         self,
         claim: Claim,
         ids: list[int],
-        sources: list[pydicom.Dataset],
+        sources: Sequence[pydicom.Dataset],
         outputs: list[np.ndarray],
     ) -> None:
         done = [

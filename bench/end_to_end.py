@@ -27,7 +27,7 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, start_node
+from common import DCMTK_ENV, free_port, start_node, storescu_args
 
 from pacs_node.dicom_io import read_hu
 from train.synth import simple_series
@@ -83,19 +83,7 @@ def main() -> None:
         try:
             t_send = time.perf_counter()
             subprocess.run(
-                [
-                    "/usr/bin/storescu",
-                    "-aet",
-                    "STORESCU",
-                    "-aec",
-                    "LDCT_DENOISE",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, files),
-                ],
-                check=True,
-                env={**os.environ, "TCP_NODELAY": "1"},
-                capture_output=True,
+                storescu_args(port, files), check=True, env=DCMTK_ENV, capture_output=True
             )
             t_sent = time.perf_counter()
             if not done.wait(3600):

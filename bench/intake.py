@@ -12,7 +12,6 @@ Prints images/s per receiver (median of the runs) and the ratio node / storescp.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -23,30 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, start_node, wait_port
+from common import DCMTK_ENV, free_port, start_node, storescu_args, wait_port
 
 from train.synth import simple_series
-
-ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
 def send(port: int, files: list[Path], aec: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            "/usr/bin/storescu",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            aec,
-            "127.0.0.1",
-            str(port),
-            *map(str, files),
-        ],
-        check=True,
-        env=ENV,
-        capture_output=True,
-    )
+    subprocess.run(storescu_args(port, files, aec), check=True, env=DCMTK_ENV, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -56,7 +39,7 @@ def run_storescp(work: Path, files: list[Path]) -> float:
     out.mkdir()
     proc = subprocess.Popen(
         ["/usr/bin/storescp", "-od", str(out), str(port)],
-        env=ENV,
+        env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

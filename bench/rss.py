@@ -12,7 +12,6 @@ and every peak below 2 GiB).
 from __future__ import annotations
 
 import argparse
-import os
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import free_port, start_node
+from common import DCMTK_ENV, free_port, start_node, storescu_args
 
 from train.synth import simple_series
 
@@ -90,17 +89,8 @@ def main() -> None:
                 sampler.start()
                 senders = [
                     subprocess.Popen(
-                        [
-                            "/usr/bin/storescu",
-                            "-aet",
-                            "STORESCU",
-                            "-aec",
-                            "LDCT_DENOISE",
-                            "127.0.0.1",
-                            str(port),
-                            *map(str, s),
-                        ],
-                        env={**os.environ, "TCP_NODELAY": "1"},
+                        storescu_args(port, s),
+                        env=DCMTK_ENV,
                         stdout=subprocess.DEVNULL,
                         stderr=subprocess.DEVNULL,
                     )

@@ -42,13 +42,13 @@ from pacs_node.quality import measure
 logger = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
+def wait_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -62,7 +62,7 @@ class _Destination:
     """Orthanc when installed, else a pynetdicom SCP writing files into ``folder``."""
 
     def __init__(self, work: Path, prefer_orthanc: bool = True) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.folder = work / "destination"
         self.folder.mkdir()
         self.orthanc = (
@@ -74,7 +74,7 @@ class _Destination:
 
     def start(self) -> None:
         if self.orthanc:
-            http = _free_port()
+            http = free_port()
             cfg = {
                 "Name": "demo",
                 "StorageDirectory": str(self.folder / "db"),
@@ -96,8 +96,8 @@ class _Destination:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
-            _wait_port(self.port)
-            _wait_port(http)
+            wait_port(self.port)
+            wait_port(http)
             return
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
@@ -218,7 +218,7 @@ def run_demo(
         dest = _Destination(work, prefer_orthanc)
         print(f"2/5 starting the destination: {dest.kind} on port {dest.port}")
         dest.start()
-        node_port = _free_port()
+        node_port = free_port()
         config = Config(
             node=NodeConfig(bind="127.0.0.1", port=node_port),
             storage=StorageConfig(data_dir=work / "node", min_free_bytes=0, keep_days=1),

@@ -16,7 +16,6 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -235,19 +234,3 @@ class HttpServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def save_thumbnail(path: Path, before: Any, after: Any) -> None:
-    """Middle slice before | after, C40/W400, as a small PNG."""
-    import numpy as np
-    from PIL import Image
-
-    def u8(hu: Any) -> Any:
-        return (np.clip((hu + 160.0) / 400.0, 0, 1) * 255).astype(np.uint8)
-
-    img = Image.fromarray(np.concatenate([u8(before), u8(after)], axis=1))
-    img.thumbnail((512, 256))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    img.save(tmp, format="PNG")
-    tmp.replace(path)

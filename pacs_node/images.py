@@ -33,3 +33,14 @@ def save_grid(
                 draw.text((x + 4, y + 4), text, fill=(255, 220, 0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def save_thumbnail(path: Path, before: np.ndarray, after: np.ndarray) -> None:
+    """Middle slice before | after, C40/W400, as a small PNG (the status page's thumbnails),
+    written to a temporary name and renamed so the page never serves half a file."""
+    img = Image.fromarray(np.concatenate([window_u8(before), window_u8(after)], axis=1))
+    img.thumbnail((512, 256))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    img.save(tmp, format="PNG")
+    tmp.replace(path)

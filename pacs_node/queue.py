@@ -59,6 +59,8 @@ class InstanceState(enum.StrEnum):
 
 
 FINISHED = (JobState.DONE.value, JobState.FAILED.value)
+# A job that is not finished, as SQL: the predicate of the one-open-job-per-series index.
+OPEN_SQL = "state NOT IN ({})".format(", ".join(f"'{s}'" for s in FINISHED))
 
 metadata = sa.MetaData()
 
@@ -87,8 +89,8 @@ jobs = sa.Table(
         "ux_jobs_series_open",
         "series_uid",
         unique=True,
-        sqlite_where=sa.text("state NOT IN ('done', 'failed')"),
-        postgresql_where=sa.text("state NOT IN ('done', 'failed')"),
+        sqlite_where=sa.text(OPEN_SQL),
+        postgresql_where=sa.text(OPEN_SQL),
     ),
 )
 
@@ -110,8 +112,8 @@ instances = sa.Table(
 )
 
 
-# The same predicate as the partial unique index ux_jobs_series_open, so SQLite can use it.
-_OPEN = sa.text("state NOT IN ('done', 'failed')")
+# The bump uses the partial index's own predicate, so SQLite can use that index.
+_OPEN = sa.text(OPEN_SQL)
 
 
 def _record_statements(insert: Any) -> dict[str, Any]:

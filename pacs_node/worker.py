@@ -28,7 +28,8 @@ from pacs_node.config import Config
 from pacs_node.dicom_io import derive, read_hu
 from pacs_node.errors import PermanentError, RetryableError
 from pacs_node.forward import Forwarder
-from pacs_node.http import Metrics, save_thumbnail
+from pacs_node.http import Metrics
+from pacs_node.images import save_thumbnail
 from pacs_node.quality import QualityFigures, find_uniform_regions
 from pacs_node.queue import Claim, InstanceState, JobState, LostClaim, Queue
 from pacs_node.storage import Storage
@@ -248,21 +249,7 @@ class Worker:
                     if in_flight is not None:
                         in_flight.result()
                     raise Interrupted
-                part = pending[start : start + chunk]
-                sources, hu, ids = [], [], []
-                for iid, path, _ in part:
-                    try:
-                        ds = pydicom.dcmread(path)
-                        slice_hu = read_hu(ds)
-                    except (PermanentError, OSError, pydicom.errors.InvalidDicomError) as err:
-                        self.queue.mark_instance_failed(claim, iid, str(err))
-                        logger.error(
-                            "job %d: instance %d cannot be read: %s", claim.job_id, iid, err
-                        )
-                        continue
-                    sources.append(ds)
-                    hu.append(slice_hu)
-                    ids.append(iid)
+                sources, hu, ids = self._read_chunk(claim, pending[start : start + chunk])
                 outputs, seconds = denoise_slices(self.denoiser, hu, quality)
                 if self.metrics and hu:
                     self.metrics.observe_denoise(seconds, len(hu))
@@ -282,6 +269,27 @@ class Worker:
             if figures is not None
             else QualityFigures(float("nan"), float("nan"), float("nan"), 0)
         )
+
+    def _read_chunk(
+        self, claim: Claim, part: list[tuple[int, str, str | None]]
+    ) -> tuple[list[pydicom.Dataset], list[np.ndarray], list[int]]:
+        """Sources, HU slices and instance ids of the readable instances in ``part``; an
+        unreadable one is marked failed and left out."""
+        sources: list[pydicom.Dataset] = []
+        hu: list[np.ndarray] = []
+        ids: list[int] = []
+        for iid, path, _ in part:
+            try:
+                ds = pydicom.dcmread(path)
+                slice_hu = read_hu(ds)
+            except (PermanentError, OSError, pydicom.errors.InvalidDicomError) as err:
+                self.queue.mark_instance_failed(claim, iid, str(err))
+                logger.error("job %d: instance %d cannot be read: %s", claim.job_id, iid, err)
+                continue
+            sources.append(ds)
+            hu.append(slice_hu)
+            ids.append(iid)
+        return sources, hu, ids
 
     def _write_chunk(
         self,

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pacs_node.demo import free_port as free_port  # re-exported for the test helpers
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -28,12 +30,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(
@@ -116,7 +112,6 @@ class NodeProcess:
         port: int | None = None,
         workers: int = 0,
         data_dir: Path | None = None,
-        database_url: str | None = None,
     ) -> None:
         self.tmp = tmp
         self.port = port or free_port()
@@ -129,7 +124,6 @@ class NodeProcess:
             + (f'data_dir = "{data_dir}"\n' if data_dir else "")
             + f"[worker]\ncount = {workers}\n"
             + ("" if "[http]" in extra else f"[http]\nport = {self.http_port}\n")
-            + (f'[queue]\ndatabase_url = "{database_url}"\n' if database_url else "")
             + extra
         )
         self.verb = verb

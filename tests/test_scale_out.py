@@ -26,6 +26,13 @@ class CountingSCP(RecordingSCP):
         return status
 
 
+def _shared_config(dest_port: int, checkpoint: Path, url: str) -> str:
+    """Nodes sharing one PostgreSQL job table, with room for slow deliveries under load."""
+    return node_config(dest_port, checkpoint, MECHANICS, database_url=url).replace(
+        "timeout_seconds = 10", "timeout_seconds = 120"
+    )
+
+
 def _all_done(node) -> bool:  # type: ignore[no-untyped-def]
     jobs = node.status()
     return bool(jobs) and all(j["state"] == "done" for j in jobs)
@@ -42,11 +49,7 @@ def test_two_nodes_three_workers_deliver_every_series_once(
     data = tmp_path / "shared-data"
     dest = CountingSCP().start()
     try:
-        cfg = (
-            node_config(dest.port, tiny_checkpoint, MECHANICS)
-            .replace("[queue]\n", f'[queue]\ndatabase_url = "{url}"\n')
-            .replace("timeout_seconds = 10", "timeout_seconds = 120")
-        )
+        cfg = _shared_config(dest.port, tiny_checkpoint, url)
         receivers = [node_factory(cfg, data_dir=data).start() for _ in range(2)]
         workers = [
             node_factory(cfg, verb="worker", data_dir=data, workers=1).start(wait=False)
@@ -90,11 +93,8 @@ def test_killed_worker_job_finished_by_another(
     data = tmp_path / "shared-data"
     dest = CountingSCP().start()
     try:
-        cfg = (
-            node_config(dest.port, tiny_checkpoint, MECHANICS)
-            .replace("[queue]\n", f'[queue]\ndatabase_url = "{url}"\n')
-            .replace("timeout_seconds = 10", "timeout_seconds = 120")
-            .replace("batch_size = 8", "batch_size = 1")
+        cfg = _shared_config(dest.port, tiny_checkpoint, url).replace(
+            "batch_size = 8", "batch_size = 1"
         )
         receiver = node_factory(cfg, data_dir=data).start()
         first = node_factory(cfg, verb="worker", data_dir=data, workers=1).start(wait=False)

@@ -26,10 +26,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def node_config(dest_port: int, checkpoint: Path | None, extra: str = "") -> str:
+def node_config(
+    dest_port: int, checkpoint: Path | None, extra: str = "", database_url: str | None = None
+) -> str:
     model = f'checkpoint = "{checkpoint}"\n' if checkpoint else ""
+    db = f'database_url = "{database_url}"\n' if database_url else ""
     return (
-        f"[queue]\nseries_quiet_seconds = 0.5\nheartbeat_seconds = 0.5\nstale_after_seconds = 3\n"
+        f"[queue]\n{db}series_quiet_seconds = 0.5\nheartbeat_seconds = 0.5\n"
+        "stale_after_seconds = 3\n"
         f"[model]\n{model}batch_size = 8\n"
         f'[destination]\nae_title = "PACS"\nport = {dest_port}\nretry_backoff_seconds = 0.5\n'
         f"retry_backoff_max_seconds = 2\nmax_attempts = 30\ntimeout_seconds = 10\n{extra}"

@@ -5,7 +5,7 @@
 Both receivers run on loopback in the same run, DCMTK's with TCP_NODELAY=1 (it stalls ~45 ms per
 C-STORE without it); the sender is DCMTK storescu, also with TCP_NODELAY=1. The node runs with
 workers = 0 (receive only) and does everything it does in production: validation, temp file,
-fsync, rename, folder fsync, the job-table transaction (SQLite WAL, synchronous=FULL).
+fsync, rename, folder fsync, the job-table transaction (SQLite WAL).
 Prints images/s per receiver (median of the runs) and the ratio node / storescp.
 """
 

@@ -9,19 +9,22 @@ import errno
 import logging
 import struct
 import threading
+import zlib
 from collections import Counter
 from io import BytesIO
+from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from pacs_node.http import Metrics
 from pacs_node.queue import Queue
 from pacs_node.status import Status
-from pacs_node.storage import Storage, valid_uid
+from pacs_node.storage import Storage, valid_uid, write_all
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +80,12 @@ class Refused(Exception):
         self.reason = reason
 
 
-def validate(ds: Dataset, sop_class: str, affected_uid: str) -> tuple[str, str, str]:
-    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused."""
+def validate(
+    ds: Dataset, sop_class: str, affected_uid: str, has_pixel_data: bool
+) -> tuple[str, str, str]:
+    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused.
+
+    ``ds`` is the data set up to its pixel data; ``has_pixel_data`` whether PixelData follows."""
     if sop_class == EnhancedCTImageStorage:
         raise Refused(
             Status.SOP_CLASS_NOT_SUPPORTED,
@@ -113,9 +120,143 @@ def validate(ds: Dataset, sop_class: str, affected_uid: str) -> tuple[str, str, 
     for key in ("Rows", "Columns"):
         if not ds.get(key):
             raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{key} is missing or zero")
-    if "PixelData" not in ds:
+    if not has_pixel_data:
         raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData is missing")
     return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+
+
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float
+
+
+def read_header(data: bytes, transfer_syntax: str) -> tuple[Dataset, bool]:
+    """The data set up to its pixel data, and whether Pixel Data follows (not read: the worker
+    decodes it). Raises Refused when the bytes are not a data set in ``transfer_syntax``."""
+    ts = UID(transfer_syntax)
+    try:
+        if ts.is_deflated:
+            data = zlib.decompress(data, -zlib.MAX_WBITS)
+        found: list[int] = []
+
+        def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+            if tag in _PIXEL_TAGS:
+                found.append(tag)
+                return True
+            return False
+
+        ds = read_dataset(
+            BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels
+        )
+    except Exception as err:
+        raise Refused(Status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {err}") from None
+    return ds, 0x7FE00010 in found
+
+
+class Incoming:
+    """One C-STORE data set on its way in.
+
+    Its bytes go to a temporary file in the data folder as they arrive (:meth:`write`, called per
+    P-DATA fragment by :mod:`pacs_node.stream`, or once with the whole data set);
+    :meth:`finish` judges the data set, makes the file durable under its final name, records it
+    and returns the status to answer. :meth:`abort` drops it (association gone mid-transfer).
+    Nothing is written for an instance that is refused before its data arrives (not CT, invalid
+    Affected SOP Instance UID, disk below the watermark).
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        assoc_key: int,
+        caller: str,
+        sop_class: str,
+        transfer_syntax: str,
+        affected_uid: str,
+    ) -> None:
+        self.intake, self.assoc_key, self.caller = intake, assoc_key, caller
+        self.sop_class, self.transfer_syntax, self.affected = (
+            sop_class,
+            transfer_syntax,
+            affected_uid,
+        )
+        self.refused: Refused | None = None
+        self.chunks: list[bytes | memoryview] = []
+        self.fd, self.tmp = -1, Path()
+        storage = intake.storage
+        if not storage.has_room():
+            self.refused = Refused(
+                Status.OUT_OF_RESOURCES,
+                f"free disk below storage.min_free_bytes ({storage.min_free_bytes})",
+            )
+        elif sop_class == CTImageStorage and valid_uid(affected_uid):
+            try:
+                self.fd, self.tmp = storage.open_temp()
+                write_all(self.fd, part10_header(sop_class, affected_uid, transfer_syntax))
+            except OSError as err:
+                self._write_failed(err)
+
+    def _write_failed(self, err: OSError) -> None:
+        self._drop_temp()
+        status = (
+            Status.OUT_OF_RESOURCES
+            if err.errno in (errno.ENOSPC, errno.EDQUOT)
+            else Status.PROCESSING_FAILURE
+        )
+        self.refused = Refused(status, f"cannot write the file: {err.strerror}")
+
+    def _drop_temp(self) -> None:
+        if self.fd >= 0:
+            self.intake.storage.discard_temp(self.fd, self.tmp)
+            self.fd = -1
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.refused is not None:
+            return  # its answer is known; the rest of its bytes only need to be read
+        self.chunks.append(data)
+        if self.fd >= 0:
+            try:
+                write_all(self.fd, data)
+            except OSError as err:
+                self._write_failed(err)
+
+    def abort(self) -> None:
+        self.chunks = []
+        self._drop_temp()
+
+    def finish(self) -> int:
+        """Judge, store durably, record; the status for the C-STORE response."""
+        data, self.chunks = b"".join(self.chunks), []
+        try:
+            if self.refused is not None:
+                raise self.refused
+            ds, has_pixels = read_header(data, self.transfer_syntax)
+            study, series, sop = validate(ds, self.sop_class, self.affected, has_pixels)
+            self._commit(study, series, sop)
+        except Refused as r:
+            self._drop_temp()
+            return self.intake.refused(self.assoc_key, self.caller, self.affected, r)
+        return self.intake.stored(self.assoc_key)
+
+    def _commit(self, study: str, series: str, sop: str) -> None:
+        assert self.fd >= 0, "validated instances always have their temporary file"
+        storage = self.intake.storage
+        path = storage.received_path(series, sop)
+        existed = path.exists()
+        fd, self.fd = self.fd, -1
+        try:
+            storage.commit_temp(fd, self.tmp, path)
+        except OSError as err:
+            self._write_failed(err)
+            raise self.refused from None  # type: ignore[misc]
+        try:
+            self.intake.queue.record_instance(
+                sop_uid=sop, series_uid=series, study_uid=study, path=str(path)
+            )
+        except Exception as err:
+            if not existed:
+                storage.remove(path)
+            logger.exception("recording SOP instance %s failed", sop)
+            raise Refused(
+                Status.OUT_OF_RESOURCES, f"job table unavailable: {type(err).__name__}"
+            ) from None
 
 
 class Intake:
@@ -128,74 +269,50 @@ class Intake:
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
 
-    def _count(self, event: evt.Event, key: str) -> None:
+    def _count(self, assoc_key: int, key: str) -> None:
         with self._lock:
-            self._per_assoc.setdefault(id(event.assoc), Counter())[key] += 1
+            self._per_assoc.setdefault(assoc_key, Counter())[key] += 1
 
-    def handle_store(self, event: evt.Event) -> int:
-        caller = str(event.assoc.requestor.ae_title).strip()
-        affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
-        try:
-            if not self.storage.has_room():
-                raise Refused(
-                    Status.OUT_OF_RESOURCES,
-                    f"free disk below storage.min_free_bytes ({self.storage.min_free_bytes})",
-                )
-            try:
-                ds = event.dataset
-            except Exception as err:
-                raise Refused(
-                    Status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {err}"
-                ) from None
-            study, series, sop = validate(ds, event.context.abstract_syntax, affected)
-            self._store(event, study, series, sop)
-        except Refused as r:
-            self._count(event, f"refused:{r.status.name.lower()}")
-            if self.metrics:
-                self.metrics.rejected.labels(r.status.name.lower()).inc()
-            logger.warning(
-                "C-STORE from %s refused with 0x%04X (%s): %s; SOP instance %s",
-                caller,
-                r.status,
-                r.status.name,
-                r.reason,
-                affected if valid_uid(affected) else "(invalid UID)",
-            )
-            return int(r.status)
-        self._count(event, "stored")
+    def incoming(
+        self, assoc: Any, sop_class: str, transfer_syntax: str, affected_uid: str
+    ) -> Incoming:
+        caller = str(assoc.requestor.ae_title).strip()
+        return Incoming(self, id(assoc), caller, sop_class, transfer_syntax, affected_uid)
+
+    def stored(self, assoc_key: int) -> int:
+        self._count(assoc_key, "stored")
         if self.metrics:
             self.metrics.received.inc()
         return int(Status.SUCCESS)
 
-    def _store(self, event: evt.Event, study: str, series: str, sop: str) -> None:
-        path = self.storage.received_path(series, sop)
-        existed = path.exists()
-        try:
-            header = part10_header(
-                event.context.abstract_syntax, sop, event.context.transfer_syntax
-            )
-            request = cast(C_STORE, event.request)
-            received = cast(BytesIO, request.DataSet)
-            with received.getbuffer() as data:  # the bytes as received, not copied
-                self.storage.write_atomic(path, [header, data])
-        except OSError as err:
-            status = (
-                Status.OUT_OF_RESOURCES
-                if err.errno in (errno.ENOSPC, errno.EDQUOT)
-                else Status.PROCESSING_FAILURE
-            )
-            raise Refused(status, f"cannot write the file: {err.strerror}") from None
-        try:
-            self.queue.record_instance(
-                sop_uid=sop, series_uid=series, study_uid=study, path=str(path)
-            )
-        except Exception as err:
-            if not existed:
-                self.storage.remove(path)
-            logger.exception("recording SOP instance %s failed", sop)
-            raise Refused(
-                Status.OUT_OF_RESOURCES, f"job table unavailable: {type(err).__name__}"
-            ) from None
+    def refused(self, assoc_key: int, caller: str, affected: str, r: Refused) -> int:
+        self._count(assoc_key, f"refused:{r.status.name.lower()}")
+        if self.metrics:
+            self.metrics.rejected.labels(r.status.name.lower()).inc()
+        logger.warning(
+            "C-STORE from %s refused with 0x%04X (%s): %s; SOP instance %s",
+            caller,
+            r.status,
+            r.status.name,
+            r.reason,
+            affected if valid_uid(affected) else "(invalid UID)",
+        )
+        return int(r.status)
+
+    def handle_store(self, event: evt.Event) -> int:
+        """EVT_C_STORE, for a data set pynetdicom assembled (when :mod:`pacs_node.stream` is not
+        installed): the same checks and writes as the streamed path, in one go."""
+        request = cast(C_STORE, event.request)
+        incoming = self.incoming(
+            event.assoc,
+            event.context.abstract_syntax,
+            event.context.transfer_syntax,
+            str(getattr(request, "AffectedSOPInstanceUID", "")),
+        )
+        received = cast(BytesIO, request.DataSet)
+        with received.getbuffer() as data:  # the bytes as received, not copied
+            incoming.write(data)
+            return incoming.finish()
 
     # -- association audit -------------------------------------------------------------------
     def handle_accepted(self, event: evt.Event) -> None:

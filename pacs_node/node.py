@@ -62,7 +62,9 @@ class Node:
         self.metrics = Metrics()
         self.intake = Intake(self.storage, self.queue, self.metrics)
         self.scp = (
-            StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES) if receive else None
+            StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake)
+            if receive
+            else None
         )
         self.n_workers = config.worker.count if workers is None else workers
         self.workers: list[Worker] = []

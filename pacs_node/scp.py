@@ -6,14 +6,17 @@ import contextlib
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_node import scp_fast
+from pacs_node import scp_fast, stream
 from pacs_node.config import NodeConfig
 from pacs_node.status import Status
+
+if TYPE_CHECKING:
+    from pacs_node.intake import Intake
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +78,14 @@ class StorageSCP:
         node: NodeConfig,
         handlers: list[Any] | None = None,
         storage_syntaxes: list[str] | None = None,
+        stream_to: Intake | None = None,
     ) -> None:
         self.config = node
         scp_fast.install()
         self.ae = AE(ae_title=node.ae_title)
+        # C-STORE data sets straight to the intake's files as they arrive; where that cannot be
+        # installed, the intake's EVT_C_STORE handler (in ``handlers``) serves instead.
+        self.streaming = stream_to is not None and stream.attach(self.ae, stream_to)
         self.ae.maximum_associations = node.max_associations
         self.ae.maximum_pdu_size = node.max_pdu_size
         self.ae.network_timeout = node.network_timeout_seconds

@@ -64,6 +64,9 @@ class _TimeShim(types.SimpleNamespace):
         time.sleep(seconds)
 
 
+_SHIM = _TimeShim()
+
+
 def _dul_wait(dul: Any) -> Callable[[], None]:
     r, w = socket.socketpair()
     r.setblocking(False)
@@ -136,11 +139,9 @@ def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
     return __init__
 
 
-def install() -> bool:
-    """Install the event-driven waits once; return whether they are active."""
-    global _installed
-    if _installed:
-        return True
+def supported() -> bool:
+    """Whether pynetdicom is the release line, with the internals, that this module and
+    :mod:`pacs_node.stream` are written for."""
     try:
         import pynetdicom
         from pynetdicom import association, dul
@@ -149,7 +150,7 @@ def install() -> bool:
     version = str(pynetdicom.__version__)
     if not version.startswith(SUPPORTED_PREFIX):
         logger.info(
-            "pynetdicom %s: keeping its polling loops (scp_fast is for %sx)",
+            "pynetdicom %s: keeping its own receive path (pacs_node's patches are for %sx)",
             version,
             SUPPORTED_PREFIX,
         )
@@ -157,16 +158,26 @@ def install() -> bool:
     needed = (
         hasattr(dul.DULServiceProvider, "run_reactor")
         and hasattr(association.Association, "_run_reactor")
-        and getattr(dul, "time", None) is time
-        and getattr(association, "time", None) is time
+        and getattr(dul, "time", None) in (time, _SHIM)
+        and getattr(association, "time", None) in (time, _SHIM)
     )
     if not needed:
-        logger.warning("pynetdicom %s internals differ; keeping its polling loops", version)
+        logger.warning("pynetdicom %s internals differ; keeping its own receive path", version)
+    return needed
+
+
+def install() -> bool:
+    """Install the event-driven waits once; return whether they are active."""
+    global _installed
+    if _installed:
+        return True
+    if not supported():
         return False
+    from pynetdicom import association, dul
+
     association.Association.__init__ = _patched_init(association.Association.__init__)  # type: ignore[method-assign]
-    shim = _TimeShim()
-    dul.time = shim  # type: ignore[assignment]
-    association.time = shim  # type: ignore[assignment]
+    dul.time = _SHIM  # type: ignore[assignment]
+    association.time = _SHIM  # type: ignore[assignment]
     _installed = True
     return True
 

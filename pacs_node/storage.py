@@ -34,6 +34,12 @@ def _safe_name(uid: str) -> str:
     return uid
 
 
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -75,26 +81,43 @@ class Storage:
         Either the whole file is at ``path`` afterwards (replacing any earlier one) or nothing
         changed there. On error the temporary file is removed.
         """
-        folder = path.parent
-        if folder not in self._known_dirs:
-            folder.mkdir(parents=True, exist_ok=True)
-            fsync_dir(folder.parent)
-            self._known_dirs.add(folder)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        fd, tmp = self.open_temp()
         try:
-            with open(tmp, "wb") as f:
-                if isinstance(chunks, bytes | bytearray | memoryview):
-                    f.write(chunks)
-                else:
-                    for c in chunks:
-                        f.write(c)
-                f.flush()
-                os.fsync(f.fileno())
+            for c in [chunks] if isinstance(chunks, bytes | bytearray | memoryview) else chunks:
+                write_all(fd, c)
+        except BaseException:
+            self.discard_temp(fd, tmp)
+            raise
+        self.commit_temp(fd, tmp, path)
+
+    def open_temp(self) -> tuple[int, Path]:
+        """A new, empty temporary file in the data folder: (descriptor, path)."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
+
+    def commit_temp(self, fd: int, tmp: Path, path: Path) -> None:
+        """fsync and close a temporary file from :meth:`open_temp`, rename it to ``path`` and
+        fsync the folder. On error the temporary file is removed and ``path`` is unchanged."""
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            fd = -1
+            folder = path.parent
+            if folder not in self._known_dirs:
+                folder.mkdir(parents=True, exist_ok=True)
+                fsync_dir(folder.parent)
+                self._known_dirs.add(folder)
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            self.discard_temp(fd, tmp)
             raise
         fsync_dir(folder)
+
+    @staticmethod
+    def discard_temp(fd: int, tmp: Path) -> None:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
 
     def clean_tmp(self) -> int:
         """Remove partial writes left by a crash; return how many."""

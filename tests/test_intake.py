@@ -26,6 +26,11 @@ from tests.conftest import (
 
 JPEG_SV1, JPEG_P14 = "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.57"
 JPEG_LS, J2K, RLE = "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"
+IMPLICIT, DEFLATED, BIG_ENDIAN = (
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.2",
+)
 
 
 def stored_files(node: NodeProcess) -> list[Path]:
@@ -70,6 +75,7 @@ def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str) -> None:
 
 def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) -> None:
     node = node_factory().start()
+    dcmconv = require_tool("dcmconv")
     plain = make_series(tmp_path / "plain", n=50, size=64, seed=1)
     variants = {
         "1.2.840.10008.1.2.1": plain,
@@ -94,6 +100,15 @@ def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) ->
         RLE: transcode(
             make_series(tmp_path / "s6", 50, 64, 6), tmp_path / "rle", [require_tool("dcmcrle")]
         ),
+        IMPLICIT: transcode(
+            make_series(tmp_path / "s7", 10, 64, 7), tmp_path / "ivr", [dcmconv, "+ti"]
+        ),
+        DEFLATED: transcode(
+            make_series(tmp_path / "s8", 10, 64, 8), tmp_path / "dfl", [dcmconv, "+td"]
+        ),
+        BIG_ENDIAN: transcode(
+            make_series(tmp_path / "s9", 10, 64, 9), tmp_path / "be", [dcmconv, "+tb"]
+        ),
     }
     scu_cfg = tmp_path / "storescu.cfg"
     groups = "".join(f"[TS{i}]\nTransferSyntax1 = {ts}\n" for i, ts in enumerate(TRANSFER_SYNTAXES))
@@ -111,7 +126,7 @@ def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) ->
         res = node.storescu(*map(str, files), opts=("-xf", str(scu_cfg), "CT"))
         assert res.returncode == 0, (ts, res.stderr)
     stored = {pydicom.dcmread(p).SOPInstanceUID: p for p in stored_files(node)}
-    assert len(stored) == 300
+    assert len(stored) == 330
     for ts, files in variants.items():
         for f in files[::7]:
             sent = pydicom.dcmread(f)
@@ -119,9 +134,9 @@ def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) ->
             assert got.file_meta.TransferSyntaxUID == ts
             assert got == sent  # every element, compressed pixel data included
     jobs = node.status()
-    assert len(jobs) == 6
-    assert sorted(j["received"] for j in jobs) == [50] * 6
-    assert len({j["series_uid"] for j in jobs}) == 6
+    assert len(jobs) == 9
+    assert sorted(j["received"] for j in jobs) == [10] * 3 + [50] * 6
+    assert len({j["series_uid"] for j in jobs}) == 9
 
 
 def test_unknown_caller_and_wrong_called_ae_are_rejected(tmp_path: Path, node_factory) -> None:

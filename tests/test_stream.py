@@ -1,0 +1,185 @@
+"""The streamed C-STORE path (pacs_node.stream) against pynetdicom's own, in one process."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode, encode
+
+from pacs_node import stream
+from pacs_node.config import NodeConfig
+from pacs_node.intake import TRANSFER_SYNTAXES, Intake
+from pacs_node.queue import Queue
+from pacs_node.scp import StorageSCP
+from pacs_node.storage import Storage
+from tests.conftest import free_port, make_series, require_tool, run_tool, wait_for
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class CountingIntake(Intake):
+    """Counts the data sets that reach it through pynetdicom's EVT_C_STORE."""
+
+    evt_c_store = 0
+
+    def handle_store(self, event: evt.Event) -> int:
+        self.evt_c_store += 1
+        return super().handle_store(event)
+
+
+class InProcessNode:
+    def __init__(self, root: Path, streamed: bool = True, max_pdu: int = 0) -> None:
+        self.storage = Storage(root / "data")
+        self.queue = Queue(f"sqlite:///{root / 'jobs.sqlite'}")
+        self.queue.migrate()
+        self.intake = CountingIntake(self.storage, self.queue)
+        config = NodeConfig(bind="127.0.0.1", port=free_port(), max_pdu_size=max_pdu)
+        self.scp = StorageSCP(
+            config, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake if streamed else None
+        )
+        self.scp.start()
+
+    def files(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in self.storage.received_dir.glob("*/*.dcm")}
+
+    def temporary_files(self) -> list[Path]:
+        return list(self.storage.tmp_dir.iterdir())
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.queue.dispose()
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[InProcessNode]]:
+    made: list[InProcessNode] = []
+    yield made
+    for n in made:
+        n.stop()
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0xA900, 0xC000, 0x0122])
+@pytest.mark.parametrize("sop_instance", ["1.2.3.4", "1.2.826.0.1.3680043.10.1045.123456789"])
+def test_c_store_rsp_is_byte_identical_to_pynetdicoms(status: int, sop_instance: str) -> None:
+    primitive = C_STORE()
+    primitive.MessageIDBeingRespondedTo = 7
+    primitive.AffectedSOPClassUID = CT
+    primitive.AffectedSOPInstanceUID = sop_instance
+    primitive.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(primitive)
+    assert stream.store_rsp(CT, sop_instance, 7, status) == encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16, 4096])
+def test_response_pdus_fit_the_peers_maximum_and_reassemble(max_pdu: int) -> None:
+    command = stream.store_rsp(CT, "1.2.3.4", 1, 0)
+    pdus = list(stream.command_pdus(3, command, max_pdu))
+    assembled = b""
+    for i, pdu in enumerate(pdus):
+        pdu_type, _, length, item, context_id, mch = struct.unpack(">BBIIBB", pdu[:12])
+        assert pdu_type == 4 and length == len(pdu) - 6 and item == length - 4 and context_id == 3
+        assert max_pdu == 0 or length <= max_pdu
+        assert mch == (3 if i == len(pdus) - 1 else 1)  # command; last bit on the last only
+        assembled += pdu[12:]
+    assert assembled == command
+    assert decode(BytesIO(assembled), True, True).Status == 0
+
+
+def test_streamed_and_pynetdicom_paths_store_identical_files(
+    tmp_path: Path, nodes: list[InProcessNode]
+) -> None:
+    files = make_series(tmp_path / "s", n=5, size=128, seed=3)
+    streamed = InProcessNode(tmp_path / "streamed")
+    nodes.append(streamed)
+    assembled = InProcessNode(tmp_path / "assembled", streamed=False)
+    nodes.append(assembled)
+    assert streamed.scp.streaming and not assembled.scp.streaming
+    for node in (streamed, assembled):
+        res = run_tool(
+            require_tool("storescu"),
+            *("-aet", "STORESCU", "-aec", "LDCT_DENOISE", "127.0.0.1", str(node.scp.port)),
+            *map(str, files),
+        )
+        assert res.returncode == 0, res.stderr
+    assert streamed.intake.evt_c_store == 0 and assembled.intake.evt_c_store == 5
+    got = streamed.files()
+    assert len(got) == 5 and got == assembled.files()
+    for f in files:  # the data set as sent, behind pynetdicom's file meta
+        stored = pydicom.dcmread(BytesIO(got[f"{pydicom.dcmread(f).SOPInstanceUID}.dcm"]))
+        assert stored == pydicom.dcmread(f)
+
+
+def test_one_association_mixes_echo_and_stores_in_small_pdus(
+    tmp_path: Path, nodes: list[InProcessNode]
+) -> None:
+    node = InProcessNode(tmp_path / "n", max_pdu=4096)  # a 128² slice: 9 PDUs a data set
+    nodes.append(node)
+    ct = [pydicom.dcmread(f) for f in make_series(tmp_path / "s", n=3, size=128, seed=4)]
+    mr = pydicom.dcmread(make_series(tmp_path / "m", n=1, size=64, seed=5)[0])
+    mr.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.add_requested_context(CT, EXPLICIT_LE)
+    ae.add_requested_context(mr.SOPClassUID, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="LDCT_DENOISE", max_pdu=4096)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_echo().Status]
+        statuses += [assoc.send_c_store(ds).Status for ds in ct]
+        statuses += [assoc.send_c_echo().Status, assoc.send_c_store(mr).Status]
+        statuses += [assoc.send_c_echo().Status]
+    finally:
+        assoc.release()
+    assert statuses == [0, 0, 0, 0, 0, 0x0122, 0]
+    got = node.files()
+    assert sorted(got) == sorted(f"{ds.SOPInstanceUID}.dcm" for ds in ct)
+    for ds in ct:
+        assert pydicom.dcmread(BytesIO(got[f"{ds.SOPInstanceUID}.dcm"])) == ds
+    assert node.intake.evt_c_store == 0 and node.temporary_files() == []
+
+
+def _p_data(context_id: int, mch: int, data: bytes) -> bytes:
+    return struct.pack(">BBIIBB", 4, 0, len(data) + 6, len(data) + 2, context_id, mch) + data
+
+
+def test_association_aborted_inside_a_data_set_leaves_no_file(
+    tmp_path: Path, nodes: list[InProcessNode]
+) -> None:
+    node = InProcessNode(tmp_path / "n")
+    nodes.append(node)
+    ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=128, seed=6)[0])
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CT, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="LDCT_DENOISE")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    command = Dataset()
+    command.CommandGroupLength = 0
+    command.AffectedSOPClassUID = CT
+    command.CommandField = 0x0001
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = ds.SOPInstanceUID
+    command.CommandGroupLength = len(encode(command, True, True)) - 12
+    buf = BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True)
+    first_half = buf.getvalue()[: len(buf.getvalue()) // 2]
+    socket = assoc.dul.socket
+    socket.send(_p_data(context_id, 0x03, encode(command, True, True)))
+    socket.send(_p_data(context_id, 0x00, first_half))  # data set, not the last fragment
+    wait_for(lambda: len(node.temporary_files()) == 1, 10, "the partial data set's file")
+    assoc.abort()
+    wait_for(lambda: node.temporary_files() == [], 10, "the partial file to go")
+    assert node.files() == {} and node.queue.known_paths() == set()

@@ -149,7 +149,11 @@ class _Stream:
     def _answer(self) -> None:
         incoming, self.incoming = self.incoming, None
         assert incoming is not None
-        status = incoming.finish()
+        try:
+            status = incoming.finish()
+        except BaseException:  # a bug, not a refusal: drop the file; the association aborts
+            incoming.abort()
+            raise
         command = store_rsp(*self.request[:2], self.request[2], status)
         max_pdu = self.assoc.requestor.maximum_length or 0
         for pdu in command_pdus(self.context_id, command, max_pdu):

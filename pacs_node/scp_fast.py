@@ -67,6 +67,19 @@ class _TimeShim(types.SimpleNamespace):
 _SHIM = _TimeShim()
 
 
+class _Checkpoint(threading.Event):
+    """pynetdicom's _reactor_checkpoint, which also wakes the reactor when it is cleared."""
+
+    def __init__(self, on_clear: Callable[[], None]) -> None:
+        super().__init__()
+        self.set()
+        self._on_clear = on_clear
+
+    def clear(self) -> None:
+        super().clear()
+        self._on_clear()
+
+
 def _dul_wait(dul: Any) -> Callable[[], None]:
     r, w = socket.socketpair()
     r.setblocking(False)
@@ -108,6 +121,10 @@ def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
         original(self, *args, **kwargs)
         dul, dimse = self.dul, self.dimse
         woke = threading.Event()
+        # A sender (send_c_store, release, ...) pauses the reactor by clearing this checkpoint and
+        # spinning until the reactor shows _is_paused, which it does only once its nap is over:
+        # the clear wakes it, or each request would wait out the whole bounded wait.
+        self._reactor_checkpoint = _Checkpoint(woke.set)
 
         def assoc_wait() -> None:
             if dimse.msg_queue.empty() and dul.to_user_queue.empty():

@@ -421,3 +421,36 @@ def test_event_driven_waits_install_on_the_pinned_pynetdicom(
     monkeypatch.setattr(scp_fast, "_installed", False)
     monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
     assert scp_fast.install() is False
+
+
+def test_a_sender_on_an_association_does_not_wait_out_the_reactors_nap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """send_c_echo/send_c_store pause the reactor first; with event-driven waits the pause must
+    wake it, not wait for its bounded wait to time out (it did: 48 ms per forwarded instance)."""
+    from pynetdicom import AE, evt
+
+    from pacs_node import scp_fast
+    from tests.conftest import free_port
+
+    assert scp_fast.install()
+    monkeypatch.setattr(scp_fast, "BOUND", 5.0)  # a missed wake-up now costs 5 s per request
+    scp = AE("DEST")
+    scp.add_supported_context("1.2.840.10008.1.1")
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0)]
+    )
+    try:
+        scu = AE("SENDER")
+        scu.add_requested_context("1.2.840.10008.1.1")
+        assoc = scu.associate("127.0.0.1", port, ae_title="DEST")
+        assert assoc.is_established
+        t0 = time.monotonic()
+        statuses = [assoc.send_c_echo().Status for _ in range(5)]
+        elapsed = time.monotonic() - t0
+        assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses == [0] * 5
+    assert elapsed < 5.0, f"5 C-ECHOs took {elapsed:.1f} s: the reactor was not woken"

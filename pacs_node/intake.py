@@ -125,29 +125,54 @@ def validate(
     return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
 
 
+# Judging while the data set arrives stops if its header is not read within this many bytes;
+# such a data set is judged once complete.
+EARLY_HEADER_LIMIT = 1 << 20
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel Data, Float and Double Float
 
 
-def read_header(data: bytes, transfer_syntax: str) -> tuple[Dataset, bool]:
+class _Incomplete(Exception):
+    pass
+
+
+class _Prefix(BytesIO):
+    """The first bytes of a data set: reading past them raises _Incomplete (not EOFError, which
+    pydicom turns into a warning and a truncated data set)."""
+
+    def read(self, n: int | None = -1) -> bytes:
+        b = super().read(n)
+        if n is not None and n >= 0 and len(b) < n:
+            raise _Incomplete
+        return b
+
+
+def read_header(
+    data: bytes | bytearray, transfer_syntax: str, complete: bool = True
+) -> tuple[Dataset, bool] | None:
     """The data set up to its pixel data, and whether Pixel Data follows (not read: the worker
-    decodes it). Raises Refused when the bytes are not a data set in ``transfer_syntax``."""
+    decodes it). Raises Refused when the bytes are not a data set in ``transfer_syntax``. With
+    ``complete=False`` ``data`` is only the data set's beginning: None if it ends before the
+    pixel data."""
     ts = UID(transfer_syntax)
+    found: list[int] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_TAGS:
+            found.append(tag)
+            return True
+        return False
+
     try:
         if ts.is_deflated:
             data = zlib.decompress(data, -zlib.MAX_WBITS)
-        found: list[int] = []
-
-        def at_pixels(tag: int, vr: str | None, length: int) -> bool:
-            if tag in _PIXEL_TAGS:
-                found.append(tag)
-                return True
-            return False
-
-        ds = read_dataset(
-            BytesIO(data), ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels
-        )
+        fp = BytesIO(data) if complete else _Prefix(data)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels)
+    except _Incomplete:
+        return None
     except Exception as err:
         raise Refused(Status.CANNOT_UNDERSTAND, f"data set cannot be decoded: {err}") from None
+    if not complete and not found:
+        return None
     return ds, 0x7FE00010 in found
 
 
@@ -155,11 +180,12 @@ class Incoming:
     """One C-STORE data set on its way in.
 
     Its bytes go to a temporary file in the data folder as they arrive (:meth:`write`, called per
-    P-DATA fragment by :mod:`pacs_node.stream`, or once with the whole data set);
-    :meth:`finish` judges the data set, makes the file durable under its final name, records it
-    and returns the status to answer. :meth:`abort` drops it (association gone mid-transfer).
-    Nothing is written for an instance that is refused before its data arrives (not CT, invalid
-    Affected SOP Instance UID, disk below the watermark).
+    P-DATA fragment by :mod:`pacs_node.stream`, or once with the whole data set), and it is judged
+    as soon as its header up to the pixel data is in, while the rest still arrives; :meth:`finish`
+    makes the file durable under its final name, records it and returns the status to answer.
+    :meth:`abort` drops it (association gone mid-transfer). Nothing is written for an instance
+    refused before its data arrive (not CT, invalid Affected SOP Instance UID, disk below the
+    watermark), nor after it is refused.
     """
 
     def __init__(
@@ -178,7 +204,13 @@ class Incoming:
             affected_uid,
         )
         self.refused: Refused | None = None
-        self.chunks: list[bytes | memoryview] = []
+        self.accepted: tuple[str, str, str] | None = None  # study, series, SOP instance UIDs
+        self.head: bytearray | None = bytearray()  # the data set's bytes until it is judged
+        self.tag_seen = False  # a Pixel Data tag arrived but the header could not be read yet
+        ts = UID(transfer_syntax)
+        # Judged early only where the header can be read from the first bytes (not deflated).
+        self.early = not ts.is_deflated
+        self.pixel_tag = struct.pack("<HH" if ts.is_little_endian else ">HH", 0x7FE0, 0x0010)
         self.fd, self.tmp = -1, Path()
         storage = intake.storage
         if not storage.has_room():
@@ -210,26 +242,49 @@ class Incoming:
     def write(self, data: bytes | memoryview) -> None:
         if self.refused is not None:
             return  # its answer is known; the rest of its bytes only need to be read
-        self.chunks.append(data)
         if self.fd >= 0:
             try:
                 write_all(self.fd, data)
             except OSError as err:
                 self._write_failed(err)
+                return
+        if self.head is not None:
+            start = max(0, len(self.head) - 3)
+            self.head += data
+            early = self.early and len(self.head) <= EARLY_HEADER_LIMIT
+            if early and (self.tag_seen or self.head.find(self.pixel_tag, start) >= 0):
+                # Not judged yet: the element's header is cut, or those bytes were inside an
+                # earlier element (an icon's pixel data); try again with the next bytes.
+                self.tag_seen = not self._judge(complete=False)
+
+    def _judge(self, complete: bool) -> bool:
+        """Judge from the bytes so far; False if they do not reach the pixel data yet."""
+        assert self.head is not None
+        try:
+            header = read_header(self.head, self.transfer_syntax, complete)
+            if header is None:
+                return False
+            self.head = None
+            self.accepted = validate(header[0], self.sop_class, self.affected, header[1])
+        except Refused as r:
+            self.head = None
+            self.refused = r
+            self._drop_temp()
+        return True
 
     def abort(self) -> None:
-        self.chunks = []
+        self.head = None
         self._drop_temp()
 
     def finish(self) -> int:
-        """Judge, store durably, record; the status for the C-STORE response."""
-        data, self.chunks = b"".join(self.chunks), []
+        """Judge (if not yet), store durably, record; the status for the C-STORE response."""
         try:
+            if self.refused is None and self.accepted is None:
+                self._judge(complete=True)
             if self.refused is not None:
                 raise self.refused
-            ds, has_pixels = read_header(data, self.transfer_syntax)
-            study, series, sop = validate(ds, self.sop_class, self.affected, has_pixels)
-            self._commit(study, series, sop)
+            assert self.accepted is not None
+            self._commit(*self.accepted)
         except Refused as r:
             self._drop_temp()
             return self.intake.refused(self.assoc_key, self.caller, self.affected, r)

@@ -173,9 +173,8 @@ def test_association_aborted_inside_a_data_set_leaves_no_file(
     command.CommandDataSetType = 0x0000
     command.AffectedSOPInstanceUID = ds.SOPInstanceUID
     command.CommandGroupLength = len(encode(command, True, True)) - 12
-    buf = BytesIO()
-    ds.save_as(buf, implicit_vr=False, little_endian=True)
-    first_half = buf.getvalue()[: len(buf.getvalue()) // 2]
+    data_set = encode(ds, False, True)  # Explicit VR Little Endian, no file meta
+    first_half = data_set[: len(data_set) // 2]  # the header (judged: acceptable) and some pixels
     socket = assoc.dul.socket
     socket.send(_p_data(context_id, 0x03, encode(command, True, True)))
     socket.send(_p_data(context_id, 0x00, first_half))  # data set, not the last fragment
@@ -183,3 +182,69 @@ def test_association_aborted_inside_a_data_set_leaves_no_file(
     assoc.abort()
     wait_for(lambda: node.temporary_files() == [], 10, "the partial file to go")
     assert node.files() == {} and node.queue.known_paths() == set()
+
+
+@pytest.mark.parametrize("ts", [EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2"])
+def test_header_is_read_from_the_first_bytes_only_once_they_reach_the_pixel_data(
+    tmp_path: Path, ts: str
+) -> None:
+    import warnings
+
+    from pydicom.uid import UID
+
+    from pacs_node.intake import read_header
+
+    ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=32, seed=7)[0])
+    icon = Dataset()  # a nested Pixel Data ahead of the top-level one
+    icon.Rows, icon.Columns, icon.BitsAllocated = 2, 2, 8
+    icon.PixelData = b"\xe0\x7f\x10\x00"
+    ds.IconImageSequence = [icon]
+    uid = UID(ts)
+    data = encode(ds, uid.is_implicit_VR, uid.is_little_endian)
+    full = read_header(data, ts)
+    assert full is not None and full[1] and full[0].SOPInstanceUID == ds.SOPInstanceUID
+    pixel_tag_at = len(data) - len(ds.PixelData) - (8 if uid.is_implicit_VR else 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a short prefix must not warn (or truncate) in pydicom
+        for cut in range(0, len(data), 7):
+            early = read_header(data[:cut], ts, complete=False)
+            if cut < pixel_tag_at + (8 if uid.is_implicit_VR else 12):  # its element header
+                assert early is None, cut
+            else:
+                assert early is not None and early[1], cut
+                assert early[0] == full[0]
+
+
+@pytest.mark.parametrize("fragment", [1, 7, 4096, 1 << 20])
+def test_an_instance_is_judged_while_it_arrives_whatever_the_fragment_size(
+    tmp_path: Path, fragment: int
+) -> None:
+    from pacs_node.intake import part10_header
+
+    storage = Storage(tmp_path / "data")
+    jobs = Queue(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    jobs.migrate()
+    try:
+        ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=64, seed=8)[0])
+        data = encode(ds, False, True)
+        incoming = Intake(storage, jobs).incoming(
+            _Caller(), CT, EXPLICIT_LE, str(ds.SOPInstanceUID)
+        )
+        header_end = len(data) - len(ds.PixelData)
+        for at in range(0, len(data), fragment):
+            incoming.write(memoryview(data)[at : at + fragment])
+            if at + fragment >= header_end:  # judged as soon as the pixel data's header is in
+                assert incoming.accepted is not None and incoming.head is None, at
+        assert incoming.finish() == 0
+        (stored,) = storage.received_dir.glob("*/*.dcm")
+        assert stored.read_bytes() == part10_header(CT, ds.SOPInstanceUID, EXPLICIT_LE) + data
+        assert storage.tmp_dir.exists() and list(storage.tmp_dir.iterdir()) == []
+    finally:
+        jobs.dispose()
+
+
+class _Caller:
+    """Stands in for the association in Intake.incoming (its requestor's AE title only)."""
+
+    class requestor:
+        ae_title = "STORESCU"

@@ -80,12 +80,8 @@ class Refused(Exception):
         self.reason = reason
 
 
-def validate(
-    ds: Dataset, sop_class: str, affected_uid: str, has_pixel_data: bool
-) -> tuple[str, str, str]:
-    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused.
-
-    ``ds`` is the data set up to its pixel data; ``has_pixel_data`` whether PixelData follows."""
+def check_sop_class(sop_class: str) -> None:
+    """Raise Refused unless the presentation context is CT Image Storage."""
     if sop_class == EnhancedCTImageStorage:
         raise Refused(
             Status.SOP_CLASS_NOT_SUPPORTED,
@@ -95,6 +91,15 @@ def validate(
         raise Refused(
             Status.SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT Image Storage"
         )
+
+
+def validate(
+    ds: Dataset, sop_class: str, affected_uid: str, has_pixel_data: bool
+) -> tuple[str, str, str]:
+    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused.
+
+    ``ds`` is the data set up to its pixel data; ``has_pixel_data`` whether PixelData follows."""
+    check_sop_class(sop_class)
     if ds.get("SOPClassUID") != sop_class:
         raise Refused(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -176,6 +181,12 @@ def read_header(
     return ds, 0x7FE00010 in found
 
 
+def _write_refusal(err: OSError) -> Refused:
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+    status = Status.OUT_OF_RESOURCES if full else Status.PROCESSING_FAILURE
+    return Refused(status, f"cannot write the file: {err.strerror}")
+
+
 class Incoming:
     """One C-STORE data set on its way in.
 
@@ -198,11 +209,8 @@ class Incoming:
         affected_uid: str,
     ) -> None:
         self.intake, self.assoc_key, self.caller = intake, assoc_key, caller
-        self.sop_class, self.transfer_syntax, self.affected = (
-            sop_class,
-            transfer_syntax,
-            affected_uid,
-        )
+        self.sop_class, self.affected = sop_class, affected_uid
+        self.transfer_syntax = transfer_syntax
         self.refused: Refused | None = None
         self.accepted: tuple[str, str, str] | None = None  # study, series, SOP instance UIDs
         self.head: bytearray | None = bytearray()  # the data set's bytes until it is judged
@@ -213,12 +221,17 @@ class Incoming:
         self.pixel_tag = struct.pack("<HH" if ts.is_little_endian else ">HH", 0x7FE0, 0x0010)
         self.fd, self.tmp = -1, Path()
         storage = intake.storage
-        if not storage.has_room():
-            self.refused = Refused(
-                Status.OUT_OF_RESOURCES,
-                f"free disk below storage.min_free_bytes ({storage.min_free_bytes})",
-            )
-        elif sop_class == CTImageStorage and valid_uid(affected_uid):
+        try:
+            if not storage.has_room():
+                raise Refused(
+                    Status.OUT_OF_RESOURCES,
+                    f"free disk below storage.min_free_bytes ({storage.min_free_bytes})",
+                )
+            check_sop_class(sop_class)
+        except Refused as r:
+            self.refused = r
+            return
+        if valid_uid(affected_uid):
             try:
                 self.fd, self.tmp = storage.open_temp()
                 write_all(self.fd, part10_header(sop_class, affected_uid, transfer_syntax))
@@ -227,12 +240,7 @@ class Incoming:
 
     def _write_failed(self, err: OSError) -> None:
         self._drop_temp()
-        status = (
-            Status.OUT_OF_RESOURCES
-            if err.errno in (errno.ENOSPC, errno.EDQUOT)
-            else Status.PROCESSING_FAILURE
-        )
-        self.refused = Refused(status, f"cannot write the file: {err.strerror}")
+        self.refused = _write_refusal(err)
 
     def _drop_temp(self) -> None:
         if self.fd >= 0:
@@ -287,8 +295,8 @@ class Incoming:
             self._commit(*self.accepted)
         except Refused as r:
             self._drop_temp()
-            return self.intake.refused(self.assoc_key, self.caller, self.affected, r)
-        return self.intake.stored(self.assoc_key)
+            return self.intake.refused(self, r)
+        return self.intake.stored(self)
 
     def _commit(self, study: str, series: str, sop: str) -> None:
         assert self.fd >= 0, "validated instances always have their temporary file"
@@ -297,10 +305,9 @@ class Incoming:
         existed = path.exists()
         fd, self.fd = self.fd, -1
         try:
-            storage.commit_temp(fd, self.tmp, path)
+            storage.commit_temp(fd, self.tmp, path)  # removes the temporary file on error
         except OSError as err:
-            self._write_failed(err)
-            raise self.refused from None  # type: ignore[misc]
+            raise _write_refusal(err) from None
         try:
             self.intake.queue.record_instance(
                 sop_uid=sop, series_uid=series, study_uid=study, path=str(path)
@@ -334,19 +341,20 @@ class Intake:
         caller = str(assoc.requestor.ae_title).strip()
         return Incoming(self, id(assoc), caller, sop_class, transfer_syntax, affected_uid)
 
-    def stored(self, assoc_key: int) -> int:
-        self._count(assoc_key, "stored")
+    def stored(self, incoming: Incoming) -> int:
+        self._count(incoming.assoc_key, "stored")
         if self.metrics:
             self.metrics.received.inc()
         return int(Status.SUCCESS)
 
-    def refused(self, assoc_key: int, caller: str, affected: str, r: Refused) -> int:
-        self._count(assoc_key, f"refused:{r.status.name.lower()}")
+    def refused(self, incoming: Incoming, r: Refused) -> int:
+        self._count(incoming.assoc_key, f"refused:{r.status.name.lower()}")
+        affected = incoming.affected
         if self.metrics:
             self.metrics.rejected.labels(r.status.name.lower()).inc()
         logger.warning(
             "C-STORE from %s refused with 0x%04X (%s): %s; SOP instance %s",
-            caller,
+            incoming.caller,
             r.status,
             r.status.name,
             r.reason,

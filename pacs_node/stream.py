@@ -154,7 +154,7 @@ class _Stream:
         except BaseException:  # a bug, not a refusal: drop the file; the association aborts
             incoming.abort()
             raise
-        command = store_rsp(*self.request[:2], self.request[2], status)
+        command = store_rsp(*self.request, status)
         max_pdu = self.assoc.requestor.maximum_length or 0
         for pdu in command_pdus(self.context_id, command, max_pdu):
             self.dul.socket.send(pdu)

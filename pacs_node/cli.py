@@ -156,7 +156,9 @@ def denoise(
     results = denoise_folder(in_dir, out_dir, cfg, den)
     for series, (n, q) in results.items():
         figures = (
-            f"bias {q.hu_bias:+.1f} HU, noise {q.noise_in:.1f} -> {q.noise_out:.1f} HU" if q else ""
+            f"bias {q.hu_bias:+.1f} HU, noise {q.noise_in:.1f} -> {q.noise_out:.1f} HU"
+            if q.regions
+            else ""
         )
         typer.echo(f"{series}: {n} instances {figures}")
     typer.echo(f"written to {out_dir}")

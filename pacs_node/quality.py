@@ -6,7 +6,7 @@ smoothed copy so noise does not hide them); the same regions are then measured o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -80,15 +80,40 @@ def _patch(slices: np.ndarray, reg: Region) -> np.ndarray:
     return slices[k, r - half : r + half, c - half : c + half]
 
 
+@dataclass
+class RegionTally:
+    """Figures of an image against a reference in uniform regions, gathered over chunks: the
+    mean difference (bias) and the SD of each in every region. One definition for the node's
+    gate, ``measure`` and the training evaluation."""
+
+    bias: list[float] = field(default_factory=list)
+    sd_ref: list[float] = field(default_factory=list)
+    sd_out: list[float] = field(default_factory=list)
+
+    def add(self, ref: np.ndarray, out: np.ndarray, regions: list[Region]) -> None:
+        """Measure ``out`` against ``ref`` (both [N, H, W] HU) in ``regions``."""
+        for g in regions:
+            a, b = _patch(ref, g), _patch(out, g)
+            self.bias.append(float(np.mean(b - a)))
+            self.sd_ref.append(float(np.std(a)))
+            self.sd_out.append(float(np.std(b)))
+
+    def figures(self) -> QualityFigures:
+        if not self.bias:
+            return QualityFigures(float("nan"), float("nan"), float("nan"), 0)
+        return QualityFigures(
+            float(np.mean(self.bias)),
+            float(np.mean(self.sd_ref)),
+            float(np.mean(self.sd_out)),
+            len(self.bias),
+        )
+
+
 def measure(
     inp: np.ndarray, out: np.ndarray, regions: list[Region] | None = None
 ) -> QualityFigures:
-    """Bias and noise of ``out`` against ``inp`` (both [N, H, W] HU) in uniform regions."""
-    if regions is None:
-        regions = find_uniform_regions(inp)
-    if not regions:
-        return QualityFigures(float("nan"), float("nan"), float("nan"), 0)
-    bias = float(np.mean([np.mean(_patch(out, g) - _patch(inp, g)) for g in regions]))
-    noise_in = float(np.mean([np.std(_patch(inp, g)) for g in regions]))
-    noise_out = float(np.mean([np.std(_patch(out, g)) for g in regions]))
-    return QualityFigures(bias, noise_in, noise_out, len(regions))
+    """Bias and noise of ``out`` against ``inp`` (both [N, H, W] HU) in uniform regions (found
+    on ``inp`` unless given)."""
+    tally = RegionTally()
+    tally.add(inp, out, find_uniform_regions(inp) if regions is None else regions)
+    return tally.figures()

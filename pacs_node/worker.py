@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from pacs_node.errors import PermanentError, RetryableError
 from pacs_node.forward import Forwarder
 from pacs_node.http import Metrics
 from pacs_node.images import save_thumbnail
-from pacs_node.quality import QualityFigures, find_uniform_regions
+from pacs_node.quality import QualityFigures, RegionTally, find_uniform_regions
 from pacs_node.queue import Claim, InstanceState, JobState, LostClaim, Queue
 from pacs_node.storage import Storage
 from unit_model.denoiser import Denoiser
@@ -42,31 +41,12 @@ class Interrupted(Exception):
     """The worker is shutting down: the job goes back to the queue as it is."""
 
 
-@dataclass
-class SeriesQuality:
-    """Accumulates the gate's figures over the chunks of one job."""
+class SeriesQuality(RegionTally):
+    """The gate's figures over the chunks of one job: output against input in one uniform
+    region per slice, found on the input."""
 
-    bias: list[float] = field(default_factory=list)
-    noise_in: list[float] = field(default_factory=list)
-    noise_out: list[float] = field(default_factory=list)
-
-    def add(self, hu_in: np.ndarray, hu_out: np.ndarray) -> None:
-        for k, r, c, h in find_uniform_regions(hu_in, per_slice=1):
-            a = hu_in[k, r - h : r + h, c - h : c + h]
-            b = hu_out[k, r - h : r + h, c - h : c + h]
-            self.bias.append(float(np.mean(b - a)))
-            self.noise_in.append(float(np.std(a)))
-            self.noise_out.append(float(np.std(b)))
-
-    def figures(self) -> QualityFigures | None:
-        if not self.bias:
-            return None
-        return QualityFigures(
-            float(np.mean(self.bias)),
-            float(np.mean(self.noise_in)),
-            float(np.mean(self.noise_out)),
-            len(self.bias),
-        )
+    def add_chunk(self, hu_in: np.ndarray, hu_out: np.ndarray) -> None:
+        self.add(hu_in, hu_out, find_uniform_regions(hu_in, per_slice=1))
 
 
 def denoise_slices(
@@ -82,7 +62,7 @@ def denoise_slices(
         t0 = time.perf_counter()
         res = denoiser.denoise_hu(batch)
         seconds += time.perf_counter() - t0
-        quality.add(batch, res)
+        quality.add_chunk(batch, res)
         for n, k in enumerate(sel):
             out[k] = res[n]
     return out, seconds
@@ -263,12 +243,7 @@ class Worker:
                 in_flight = writer.submit(self._write_chunk, claim, ids, sources, outputs)
             if in_flight is not None:
                 in_flight.result()
-        figures = quality.figures()
-        return (
-            figures
-            if figures is not None
-            else QualityFigures(float("nan"), float("nan"), float("nan"), 0)
-        )
+        return quality.figures()
 
     def _read_chunk(
         self, claim: Claim, part: list[tuple[int, str, str | None]]
@@ -391,7 +366,7 @@ class Worker:
 
 def denoise_folder(
     in_dir: Path, out_dir: Path, config: Config, denoiser: Denoiser
-) -> dict[str, tuple[int, QualityFigures | None]]:
+) -> dict[str, tuple[int, QualityFigures]]:
     """The worker's decode -> denoise -> derive path over a folder (no queue, no network).
 
     Writes ``out_dir/<derived series UID>/<derived SOP UID>.dcm``; returns per source series the
@@ -413,7 +388,7 @@ def denoise_folder(
             and valid_uid(str(ds.get("SeriesInstanceUID", "")))
         ):
             groups[str(ds.SeriesInstanceUID)].append(ds)
-    results: dict[str, tuple[int, QualityFigures | None]] = {}
+    results: dict[str, tuple[int, QualityFigures]] = {}
     for series, items in groups.items():
         quality = SeriesQuality()
         for start in range(0, len(items), 32):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -25,15 +26,35 @@ def _setup_logging() -> None:
     )
 
 
-def _load_dirs(low_dose: Path | None, full_dose: Path | None, data: Path | None):
+def _as_list(value: Path | list[Path] | None) -> list[Path]:
+    return [] if value is None else [value] if isinstance(value, Path) else list(value)
+
+
+def _load_dirs(
+    low_dose: Path | list[Path] | None,
+    full_dose: Path | list[Path] | None,
+    data: Path | list[Path] | None,
+):
+    """Low- and regular-dose series from LDCT-layout folders (``data``, both doses, split by
+    series folder names) and from folders of one dose each; every folder read recursively."""
     from train.data import read_series, split_by_dose
 
-    if data is not None:
-        low, full = split_by_dose(read_series(data))
-    elif low_dose is not None and full_dose is not None:
-        low, full = read_series(low_dose), read_series(full_dose)
-    else:
-        raise typer.BadParameter("give --data DIR, or both --low-dose DIR and --full-dose DIR")
+    if not _as_list(data) and not (_as_list(low_dose) and _as_list(full_dose)):
+        raise typer.BadParameter(
+            "give --data DIR, or --low-dose DIR and --full-dose DIR (each may be repeated)"
+        )
+    low, full = [], []
+    try:
+        for folder in _as_list(data):
+            a, b = split_by_dose(read_series(folder))
+            low += a
+            full += b
+        for folder in _as_list(low_dose):
+            low += read_series(folder)
+        for folder in _as_list(full_dose):
+            full += read_series(folder)
+    except FileNotFoundError as err:
+        raise typer.BadParameter(str(err)) from None
     if not low or not full:
         raise typer.BadParameter("no low-dose or no full-dose series found")
     return low, full
@@ -42,8 +63,30 @@ def _load_dirs(low_dose: Path | None, full_dose: Path | None, data: Path | None)
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="output folder (LDCT-and-Projection-data layout)")],
+    from_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="a folder of regular-dose CT series (a PACS export) to simulate low doses of, "
+            "instead of phantoms",
+        ),
+    ] = None,
     cases: Annotated[int, typer.Option(help="random body phantoms")] = 5,
-    dose: Annotated[float, typer.Option(help="dose fraction of the low-dose series")] = 0.25,
+    dose: Annotated[
+        str,
+        typer.Option(
+            help="dose fraction of the low dose: 0.25, a range 0.15:0.4 or a list 0.15,0.25 "
+            "(drawn per series)"
+        ),
+    ] = "0.25",
+    filter_: Annotated[
+        str,
+        typer.Option(
+            "--filter",
+            help="reconstruction filter of the added noise, or a comma list drawn per series: "
+            "ramp, shepp-logan, cosine, hamming, hann (sharp to soft)",
+        ),
+    ] = "ramp",
     seed: Annotated[int, typer.Option()] = 0,
     size: Annotated[int, typer.Option(help="matrix size (square)")] = 512,
     slices: Annotated[int, typer.Option(help="slices per series")] = 8,
@@ -51,21 +94,44 @@ def synth(
         float, typer.Option(help="field of view, mm (pixel size = fov / size)")
     ] = 380.0,
     extras: Annotated[bool, typer.Option(help="add Shepp-Logan and CT_small cases")] = True,
+    workers: Annotated[int, typer.Option(help="processes for --from")] = 1,
     calibrate: Annotated[bool, typer.Option(help="print the noise calibration and exit")] = False,
 ) -> None:
-    """Write paired regular-dose / low-dose synthetic CT series as DICOM."""
+    """Write paired regular-dose / low-dose CT series as DICOM: synthetic phantoms, or (with
+    --from) a site's own routine-dose series with simulated low doses."""
     _setup_logging()
     from train import synth as s
 
+    try:
+        doses = s.DoseChoice.parse(dose)
+        filters = s.parse_filters(filter_)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     if calibrate:
         typer.echo(
-            f"added noise SD at dose {dose}, {size}^2: {s.calibrate(size, dose, seed):.2f} HU"
+            f"added noise SD at dose {doses.low}, {size}^2: "
+            f"{s.calibrate(size, doses.low, seed):.2f} HU"
         )
+        return
+    if from_dir is not None:
+        if not from_dir.is_dir():
+            raise typer.BadParameter(f"{from_dir} is not a folder", param_hint="--from")
+        summary = s.synthesize_from(
+            from_dir, out, dose=doses, filters=filters, seed=seed, workers=workers
+        )
+        skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.reasons().items()))
+        typer.echo(
+            f"wrote {summary.series} series ({summary.slices} slices) with simulated low doses "
+            f"to {out}; skipped {len(summary.skipped)} files" + (f" ({skipped})" if skipped else "")
+        )
+        if not summary.series:
+            raise typer.Exit(1)
         return
     s.synthesize(
         out,
         cases=cases,
-        dose=dose,
+        dose=doses,
+        filters=filters,
         seed=seed,
         size=size,
         slices=slices,
@@ -80,9 +146,16 @@ def fit(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="checkpoints, logs, previews")] = Path(
         "runs/unit"
     ),
-    data: Annotated[Path | None, typer.Option(help="LDCT-layout folder (both doses)")] = None,
-    low_dose: Annotated[Path | None, typer.Option(help="low-dose DICOM folder")] = None,
-    full_dose: Annotated[Path | None, typer.Option(help="regular-dose DICOM folder")] = None,
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="LDCT-layout folder, both doses (repeatable; pairs are found in it)"),
+    ] = None,
+    low_dose: Annotated[
+        list[Path] | None, typer.Option(help="low-dose DICOM folder (repeatable; unpaired)")
+    ] = None,
+    full_dose: Annotated[
+        list[Path] | None, typer.Option(help="regular-dose DICOM folder (repeatable; unpaired)")
+    ] = None,
     heldout: Annotated[
         Path | None, typer.Option(help="paired LDCT-layout folder to pick the best checkpoint")
     ] = None,
@@ -130,15 +203,38 @@ def fit(
             "with a low-dose target)"
         ),
     ] = "none",
+    paired_weight: Annotated[
+        float,
+        typer.Option(
+            help="weight of L1(LD->HD, regular dose) on slices with a regular-dose partner; "
+            "0 = the reference (unpaired only); with every unpaired weight 0, the translator "
+            "is trained alone, supervised"
+        ),
+    ] = 0.0,
+    encoder_skips: Annotated[
+        bool,
+        typer.Option(help="decoders see their encoder's full/half-resolution features (U-Net)"),
+    ] = False,
+    ema: Annotated[
+        float,
+        typer.Option(help="decay of a moving average of the generator's weights (0 = off)"),
+    ] = 0.0,
+    augment: Annotated[
+        str, typer.Option(help="flip (the reference's) | dihedral (flips and quarter turns)")
+    ] = "flip",
+    lr_schedule: Annotated[
+        str, typer.Option(help="constant | cosine (to 0 over --max-iterations or the epochs)")
+    ] = "constant",
     resume: Annotated[bool, typer.Option(help="continue from RUN_DIR/state.pt")] = False,
     device: str = "auto",
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
 ) -> None:
-    """Train the generator and both discriminators (unpaired), as the reference does."""
+    """Train the generator and both discriminators, unpaired as the reference does, with an
+    optional paired term for slices that have a regular-dose partner."""
     _setup_logging()
     import torch
 
-    from train.data import UnpairedStream, pairs, read_series, split_by_dose
+    from train.data import TrainingStream, pairs, read_series, split_by_dose
     from train.losses import LossWeights
     from train.trainer import Trainer, TrainOptions
     from unit_model.denoiser import pick_device
@@ -173,6 +269,7 @@ def fit(
                 adv_weight,
                 disc_weight,
                 cycle_ld_factor,
+                paired_weight,
             ),
             generator=GeneratorConfig(
                 residual_scale=residual_scale,
@@ -180,6 +277,7 @@ def fit(
                 upsample=upsample,  # type: ignore[arg-type]
                 residual_output=residual_output,
                 image_skip=image_skip,
+                encoder_skips=encoder_skips,
             ),
             window_lower=window_lower,
             window_upper=window_upper,
@@ -191,19 +289,36 @@ def fit(
             checkpoint_every=checkpoint_every,
             body_fraction=body_fraction,
             recon_lowpass=recon_lowpass,  # type: ignore[arg-type]
+            ema=ema,
+            augment=augment,  # type: ignore[arg-type]
+            lr_schedule=lr_schedule,  # type: ignore[arg-type]
         )
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     low, full = _load_dirs(low_dose, full_dose, data)
+    partner = {id(a): b for a, b in pairs(low, full)}
+    if paired_weight > 0 and not partner:
+        raise typer.BadParameter(
+            "--paired-weight needs paired series: a low dose and a regular dose of the same "
+            "slices in one study folder (e.g. from `unit-train synth`)"
+        )
+    low_slices = [x for s in low for x in s.slices]
+    targets = [
+        (partner[id(s)].slices[k] if id(s) in partner else None)
+        for s in low
+        for k in range(len(s.slices))
+    ]
     description: dict[str, Any] = {
         "low_dose_series": len(low),
         "full_dose_series": len(full),
-        "low_dose_slices": int(sum(len(s.slices) for s in low)),
+        "paired_series": len(partner),
+        "low_dose_slices": len(low_slices),
+        "paired_slices": sum(t is not None for t in targets),
         "full_dose_slices": int(sum(len(s.slices) for s in full)),
-        "source": str(data or f"{low_dose} + {full_dose}"),
+        "source": [str(p) for p in [*(data or []), *(low_dose or []), *(full_dose or [])]],
     }
-    stream = UnpairedStream(
-        [x for s in low for x in s.slices],
+    stream = TrainingStream(
+        low_slices,
         [x for s in full for x in s.slices],
         crop,
         opts.window,
@@ -211,6 +326,8 @@ def fit(
         rank=int(os.environ.get("RANK", 0)),
         world=world,
         body_fraction=body_fraction,
+        targets=targets,
+        mode=opts.augment,
     )
     evaluate = None
     if heldout is not None:
@@ -265,40 +382,85 @@ def _heldout_evaluator(held_pairs, slices_per_series: int = 2, crop: int = 256):
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[Path | None, typer.Option(help="generator checkpoint")] = None,
     data: Annotated[Path | None, typer.Option(help="LDCT-layout folder with paired series")] = None,
     low_dose: Annotated[Path | None, typer.Option()] = None,
     full_dose: Annotated[Path | None, typer.Option()] = None,
+    checkpoint: Annotated[
+        list[Path] | None, typer.Option(help="generator checkpoint (repeat for several)")
+    ] = None,
+    baselines: Annotated[
+        str, typer.Option(help="comma list of gaussian,nlm,bm3d (or none)")
+    ] = "gaussian,nlm,bm3d",
+    tune_on: Annotated[
+        Path | None,
+        typer.Option(help="paired held-out folder the baselines' strengths are picked on"),
+    ] = None,
+    settings: Annotated[
+        Path | None,
+        typer.Option(help="baselines.json of an earlier run: reuse its strengths unchanged"),
+    ] = None,
     out: Annotated[Path, typer.Option(help="folder for evaluation.md and PNGs")] = Path(
         "runs/eval"
     ),
-    baselines: Annotated[str, typer.Option(help="comma list of nlm,bm3d (or none)")] = "nlm,bm3d",
     max_slices: Annotated[int | None, typer.Option(help="middle slices per series")] = None,
     device: str = "auto",
 ) -> None:
-    """Score the low-dose input, NLM, BM3D and the checkpoint against the regular dose."""
+    """Score the low-dose input, tuned classical baselines and checkpoints against the regular
+    dose."""
     _setup_logging()
     from train.data import pairs
-    from train.evaluate import Method, bm3d_method, evaluate_pairs, nlm
+    from train.evaluate import BASELINES, Method, evaluate_pairs, parse_baselines, tune
     from unit_model.denoiser import Denoiser
 
-    low, full = _load_dirs(low_dose, full_dose, data)
-    matched = pairs(low, full)
+    try:
+        chosen = parse_baselines(baselines)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--baselines") from None
+    matched = pairs(*_load_dirs(low_dose, full_dose, data))
     if not matched:
         raise typer.BadParameter("no low/full-dose series pairs (same patient and shape) found")
+    strengths: dict[str, float] = {}
+    tuned_on = "untuned: default strength"
+    if tune_on is not None:
+        held = pairs(*_load_dirs(None, None, tune_on))
+        if not held:
+            raise typer.BadParameter(f"{tune_on}: no paired series to tune on")
+        for b in chosen:
+            strengths[b.name], _ = tune(b, held, max_slices)
+        tuned_on = f"picked by PSNR on {tune_on}"
+    elif settings is not None:
+        try:
+            saved = json.loads(settings.read_text())["strengths"]
+        except (OSError, ValueError, KeyError) as err:
+            raise typer.BadParameter(f"{settings}: {err}", param_hint="--settings") from None
+        strengths = {k: float(v) for k, v in saved.items()}
+        tuned_on = f"from {settings}"
     methods: dict[str, Method] = {"low dose": lambda x: x}
-    chosen = {b.strip() for b in baselines.split(",") if b.strip() and b.strip() != "none"}
-    if "nlm" in chosen:
-        methods["NLM"] = nlm
-    if "bm3d" in chosen:
-        methods["BM3D"] = bm3d_method
-    if checkpoint is not None:
-        den = Denoiser.from_checkpoint(checkpoint, device=device)
-        methods[f"UNIT {den.model_version}"] = den.denoise_hu
+    described = {"low dose": ""}
+    for b in chosen:
+        s = strengths.setdefault(b.name, 1.0 if b.name != "Gaussian" else 0.5)
+        methods[b.name] = b.method(s)
+        described[b.name] = b.describe(s)
+    for path in checkpoint or []:
+        den = Denoiser.from_checkpoint(path, device=device)
+        name = f"UNIT {den.model_version}"
+        methods[name] = den.denoise_hu
+        described[name] = path.name
     out.mkdir(parents=True, exist_ok=True)
-    evaluate_pairs(matched, methods, out, max_slices=max_slices)
+    (out / "baselines.json").write_text(
+        json.dumps(
+            {
+                "strengths": strengths,
+                "settings": {b.name: described[b.name] for b in chosen},
+                "tuned": tuned_on,
+                "grids": {b.name: list(b.grid) for b in BASELINES.values()},
+            },
+            indent=2,
+        )
+    )
+    evaluate_pairs(matched, methods, out, max_slices=max_slices, settings=described)
     typer.echo((out / "evaluation.md").read_text())
-    typer.echo(f"montages and table in {out}")
+    typer.echo(f"baselines {tuned_on}; montages and table in {out}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""DICOM folders -> HU slices, unpaired sampling and augmentation for training.
+"""DICOM folders -> HU slices; unpaired and paired sampling and augmentation for training.
 
 Series are read recursively (every transfer syntax pydicom + pylibjpeg decode) and converted to HU
 with ``pacs_node.dicom_io``. Hold-out splits are by series (hence by patient), never by slice.
@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pydicom
@@ -85,21 +87,33 @@ def split_by_dose(series: list[Series]) -> tuple[list[Series], list[Series]]:
 
 
 def pairs(low: list[Series], full: list[Series]) -> list[tuple[Series, Series]]:
-    """Low/full-dose series of the same patient and shape, for evaluation only."""
-    by_patient = {(s.patient, s.slices.shape): s for s in full}
+    """Low/full-dose series of the same slices: in the same study folder (the LDCT layout)
+    and of the same shape."""
+    by_study = {(s.folder.parent, s.slices.shape): s for s in full}
     out = []
     for s in low:
-        match = by_patient.get((s.patient, s.slices.shape))
-        if match is not None:
+        match = by_study.get((s.folder.parent, s.slices.shape))
+        if match is not None and np.allclose(s.positions, match.positions, atol=1e-3):
             out.append((s, match))
     return out
 
 
-def augment(hu: np.ndarray, crop: int, window: HUWindow, rng: np.random.Generator) -> torch.Tensor:
-    """One slice -> [1, crop, crop] in network units: random crop (or bicubic resize when the
-    slice is smaller than ``crop``), random horizontal flip, fixed HU window."""
-    h, w = hu.shape
-    t = torch.from_numpy(np.ascontiguousarray(hu, dtype=np.float32))[None, None]
+Augment = Literal["flip", "dihedral"]
+
+
+def augment(
+    images: list[np.ndarray],
+    crop: int,
+    window: HUWindow,
+    rng: np.random.Generator,
+    mode: Augment = "flip",
+) -> list[torch.Tensor]:
+    """Slices of one shape -> [1, crop, crop] each in network units, all cut and turned alike:
+    one random crop (or bicubic resize when the slice is smaller than ``crop``), a random
+    horizontal flip (``flip``, the reference's) or one of the eight flips and quarter turns
+    (``dihedral``), the fixed HU window."""
+    h, w = images[0].shape
+    t = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in images]))[:, None]
     if h < crop or w < crop:
         t = F.interpolate(t, size=(crop, crop), mode="bicubic", align_corners=False)
     else:
@@ -107,12 +121,28 @@ def augment(hu: np.ndarray, crop: int, window: HUWindow, rng: np.random.Generato
         t = t[..., y : y + crop, x : x + crop]
     if rng.random() < 0.5:
         t = t.flip(-1)
-    return window.to_network(t)[0]
+    if mode == "dihedral":
+        t = torch.rot90(t, int(rng.integers(4)), dims=(-2, -1))
+    return list(window.to_network(t.contiguous()))
 
 
-class UnpairedStream:
-    """LD and HD slices, each shuffled independently every epoch; the HD stream restarts when
-    it runs out (as the reference does). One epoch = one pass over the LD slices."""
+@dataclass
+class Batch:
+    """One training batch, [B, 1, crop, crop] each: low-dose crops, regular-dose crops drawn
+    independently of them (unpaired), and for the low-dose crops that have one, the same crop
+    of the same slice at regular dose (``paired`` says which)."""
+
+    ld: torch.Tensor
+    hd: torch.Tensor
+    target: torch.Tensor
+    paired: torch.Tensor  # bool [B]
+
+
+class TrainingStream:
+    """Crops for training. LD and HD slices are shuffled independently every epoch, the HD
+    stream restarting when it runs out (as the reference does); an LD slice with a regular-dose
+    partner (``targets``) also yields that partner's crop, cut alike. One epoch = one pass over
+    the LD slices."""
 
     def __init__(
         self,
@@ -124,41 +154,52 @@ class UnpairedStream:
         rank: int = 0,
         world: int = 1,
         body_fraction: float = 0.0,
+        targets: list[np.ndarray | None] | None = None,
+        mode: Augment = "flip",
     ) -> None:
         if not low or not full:
             raise ValueError("training needs both low-dose and full-dose slices")
+        if targets is not None and len(targets) != len(low):
+            raise ValueError("targets must pair up with the low-dose slices one to one")
         self.low, self.full = low, full
-        self.crop, self.window = crop, window
+        self.targets = targets or [None] * len(low)
+        self.crop, self.window, self.mode = crop, window, mode
         self.rng = np.random.default_rng(seed + 1000 * rank)
         self.rank, self.world = rank, world
         self.body_fraction = body_fraction
         self._hd_order: list[int] = []
+        self._air = float(window.to_network(torch.tensor(-500.0)))
 
     def __len__(self) -> int:
         return len(self.low) // self.world
 
-    def _crop(self, hu: np.ndarray) -> torch.Tensor:
+    @property
+    def paired_slices(self) -> int:
+        return sum(t is not None for t in self.targets)
+
+    def _crop(self, images: list[np.ndarray]) -> list[torch.Tensor]:
         # Retry crops that are mostly air: they teach nothing about noise.
         for _ in range(5):
-            t = augment(hu, self.crop, self.window, self.rng)
-            if (
-                self.body_fraction <= 0
-                or (t > self.window.to_network(torch.tensor(-500.0))).float().mean()
-                >= self.body_fraction
-            ):
-                return t
-        return t
+            ts = augment(images, self.crop, self.window, self.rng, self.mode)
+            if self.body_fraction <= 0 or (ts[0] > self._air).float().mean() >= self.body_fraction:
+                return ts
+        return ts
 
     def _next_hd(self) -> np.ndarray:
         if not self._hd_order:
             self._hd_order = list(self.rng.permutation(len(self.full)))
         return self.full[self._hd_order.pop()]
 
-    def epoch(self, batch_size: int):
-        """Yields (ld, hd) batches, [B, 1, crop, crop] each, for one epoch."""
+    def epoch(self, batch_size: int) -> Iterator[Batch]:
+        """Yields one epoch of batches."""
         order = self.rng.permutation(len(self.low))[self.rank :: self.world]
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start : start + batch_size]
-            ld = torch.stack([self._crop(self.low[i]) for i in idx])
-            hd = torch.stack([self._crop(self._next_hd()) for _ in idx])
-            yield ld, hd
+            ld, target, paired = [], [], []
+            for i in order[start : start + batch_size]:
+                partner = self.targets[i]
+                crops = self._crop([self.low[i]] if partner is None else [self.low[i], partner])
+                ld.append(crops[0])
+                target.append(crops[-1])
+                paired.append(partner is not None)
+            hd = [self._crop([self._next_hd()])[0] for _ in range(len(ld))]
+            yield Batch(torch.stack(ld), torch.stack(hd), torch.stack(target), torch.tensor(paired))

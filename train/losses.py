@@ -32,7 +32,8 @@ def disc_loss(real_pred: Tensor, fake_pred: Tensor) -> Tensor:
 @dataclass(frozen=True)
 class LossWeights:
     """The reference's weights. ``cycle_ld`` scales the LD->HD->LD cycle term on top of
-    ``cycle`` (1.0 = the reference)."""
+    ``cycle`` (1.0 = the reference). ``paired`` weighs L1(LD->HD translation, regular dose) on
+    slices that have a regular-dose partner (0 = the reference, unpaired only)."""
 
     self_recon: float = 10.0
     hidden_kl: float = 0.01
@@ -41,6 +42,12 @@ class LossWeights:
     adv: float = 1.0
     disc: float = 0.5
     cycle_ld: float = 1.0
+    paired: float = 0.0
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether any of the reference's unpaired terms is on."""
+        return any((self.self_recon, self.hidden_kl, self.cycle, self.cycle_hidden_kl, self.adv))
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -56,6 +63,7 @@ def generator_losses(
     w: LossWeights,
     lowpass: Callable[[Tensor], Tensor] | None = None,
     lowpass_hd: bool = True,
+    paired: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """All generator terms and their weighted sum (``total``).
 
@@ -65,7 +73,8 @@ def generator_losses(
     longer rewarded (an option; the reference compares the images themselves): all of them, or,
     with ``lowpass_hd=False``, only those whose target is a low-dose image, so the HD->LD->HD
     cycle still asks for the regular-dose image back, pixel for pixel, from the noise the
-    HD->LD path added.
+    HD->LD path added. ``paired`` = (LD->HD translations, their regular-dose partners) of the
+    batch's paired slices adds ``w.paired`` x their L1 distance.
     """
     ld2ld, _, _, hd2hd, h_ld, h_hd = outs
     _, ld2hd2ld, hd2ld2hd, _, ch_a, ch_b = cycle_outs
@@ -87,4 +96,7 @@ def generator_losses(
         + w.cycle_hidden_kl * terms["cycle_hidden_kl"]
         + w.adv * terms["adv"]
     )
+    if paired is not None and w.paired:
+        terms["paired"] = recon_loss(*paired) if paired[0].numel() else ld.new_zeros(())
+        terms["total"] = terms["total"] + w.paired * terms["paired"]
     return terms

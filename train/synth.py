@@ -11,13 +11,19 @@ electronic noise variance ``Ne``::
     p_LD = p + sqrt((1-a)/a * e^p/I0 * (1 + (1+a)/a * Ne * e^p/I0)) * N(0, 1)
     LD   = ND + FBP(p_LD - p)
 
-with ``skimage.transform.radon`` / ``iradon`` (ramp filter, 720 views over 180 degrees).
+with ``skimage.transform.radon`` / ``iradon`` (720 views over 180 degrees). The filter of the
+reconstruction (``ramp``, ``shepp-logan``, ``cosine``, ``hamming``, ``hann``: sharp to soft) sets
+the noise texture, as a scanner's kernel does; a mix of them, and a range of dose fractions, can
+be drawn per series, so that a model does not learn one noise texture and one level only.
 
 Calibration: ``I0 = I0_DEFAULT`` was chosen so that a quarter dose (a = 0.25) adds noise of
 15-20 HU SD in a uniform soft-tissue region at the centre of a 320 x 240 mm body on a 512 x 512
 slice with a 380 mm field of view (``python -m train synth --calibrate`` reprints the figure;
 ``tests/test_synth.py`` checks it). Noise scales with pixel size: smaller matrices over the same
 field of view see less noise per pixel.
+
+:func:`synthesize_from` does the same to a site's own routine-dose series (a PACS export): each
+CT series is the regular dose, with its own pixel spacing and field of view.
 
 Output layout, as the LDCT-and-Projection-data collection::
 
@@ -27,11 +33,13 @@ Output layout, as the LDCT-and-Projection-data collection::
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
+import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -43,6 +51,7 @@ from scipy import ndimage
 from skimage.transform import iradon, radon, resize
 
 from pacs_node import dicom_io
+from pacs_node.storage import valid_uid
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +63,61 @@ FOV_MM = 380.0
 UID_ROOT = "1.2.826.0.1.3680043.10.1045."  # pydicom's example root + a project suffix
 
 
+FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
+
+
+@dataclass(frozen=True)
+class DoseChoice:
+    """Dose fractions to draw from, one per series: a value ``"0.25"``, a range ``"0.15:0.4"``
+    (uniform) or a list ``"0.15,0.25,0.5"``."""
+
+    low: float
+    high: float
+    values: tuple[float, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> DoseChoice:
+        try:
+            if ":" in text:
+                a, b = (float(x) for x in text.split(":"))
+                choice = cls(min(a, b), max(a, b))
+            else:
+                values = tuple(float(x) for x in text.split(","))
+                choice = cls(min(values), max(values), values)
+        except ValueError:
+            raise ValueError(
+                f"dose {text!r}: give a fraction (0.25), a range (0.15:0.4) or a list "
+                "(0.15,0.25,0.5)"
+            ) from None
+        if not 0 < choice.low <= choice.high < 1:
+            raise ValueError(f"dose {text!r}: fractions must lie in (0, 1)")
+        return choice
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if self.values:
+            return float(self.values[int(rng.integers(len(self.values)))])
+        return float(rng.uniform(self.low, self.high)) if self.high > self.low else self.low
+
+
+def parse_filters(text: str) -> tuple[str, ...]:
+    """``"ramp,hann"`` -> the reconstruction filters to draw from, one per series."""
+    names = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    bad = [f for f in names if f not in FILTERS]
+    if bad or not names:
+        raise ValueError(f"filter {text!r}: choose from {', '.join(FILTERS)}")
+    return names
+
+
 @dataclass(frozen=True)
 class NoiseModel:
     dose: float = 0.25
     i0: float = I0_DEFAULT
     electronic_noise: float = NE_DEFAULT
     views: int = VIEWS
+    filter: str = "ramp"
+
+    def describe(self) -> str:
+        return f"dose {self.dose:.3g}, {self.filter} filter"
 
     def low_dose(self, hu: np.ndarray, pixel_mm: float, rng: np.random.Generator) -> np.ndarray:
         """The low-dose counterpart of the regular-dose slice ``hu`` (float HU, square)."""
@@ -77,7 +135,7 @@ class NoiseModel:
         q = np.exp(p) / self.i0
         var = (1 - a) / a * q * (1 + (1 + a) / a * self.electronic_noise * q)
         dp = np.sqrt(var) * rng.standard_normal(p.shape)
-        dmu = iradon(dp, theta, circle=True, filter_name="ramp", output_size=n) / pixel_mm
+        dmu = iradon(dp, theta, circle=True, filter_name=self.filter, output_size=n) / pixel_mm
         return (hu + dmu / MU_WATER_PER_MM * 1000.0).astype(np.float32)
 
 
@@ -319,7 +377,8 @@ def synthesize(
     out: Path,
     *,
     cases: int,
-    dose: float = 0.25,
+    dose: float | DoseChoice = 0.25,
+    filters: tuple[str, ...] = ("ramp",),
     seed: int = 0,
     size: int = 512,
     slices: int = 8,
@@ -330,11 +389,14 @@ def synthesize(
 ) -> list[Path]:
     """Write ``cases`` paired series under ``out``; return the case folders.
 
-    With ``extras``, two more cases: Shepp-Logan and pydicom's CT_small (slices repeated with
-    independent noise).
+    Each case draws its dose fraction from ``dose`` and its reconstruction filter from
+    ``filters`` (from a generator of its own, so a seed gives the same anatomy and noise
+    whatever the choices). With ``extras``, two more cases: Shepp-Logan and pydicom's CT_small
+    (slices repeated with independent noise).
     """
     rng = np.random.default_rng(seed)
-    noise = NoiseModel(dose=dose, i0=i0)
+    choices = np.random.default_rng([seed, 1])
+    doses = dose if isinstance(dose, DoseChoice) else DoseChoice(dose, dose)
     pixel_mm = fov_mm / size
     kinds: list[str] = [f"body{i}" for i in range(cases)]
     if extras:
@@ -364,12 +426,17 @@ def synthesize(
         ld_dir = case_dir / f"1.000000-Low Dose Images-{k:05d}"
         nd_dir.mkdir(parents=True, exist_ok=True)
         ld_dir.mkdir(parents=True, exist_ok=True)
+        noise = NoiseModel(
+            dose=doses.draw(choices),
+            i0=i0,
+            filter=filters[int(choices.integers(len(filters)))],
+        )
         for i in range(slices):
             nd = anatomy(i / max(slices - 1, 1))
             ld = noise.low_dose(nd, pixel_mm, rng)
             for hu, uid, number, desc, folder in (
                 (nd, nd_uid, 2, "Full dose images", nd_dir),
-                (ld, ld_uid, 3, "Low Dose Images", ld_dir),
+                (ld, ld_uid, 3, f"Low Dose Images ({noise.describe()})", ld_dir),
             ):
                 ds = ct_dataset(
                     hu,
@@ -383,9 +450,224 @@ def synthesize(
                     frame_uid=frame_uid,
                 )
                 ds.save_as(folder / f"1-{i + 1:03d}.dcm", enforce_file_format=True)
-        logger.info("case %s (%s): %d slices", case_id, kind, slices)
+        logger.info("case %s (%s): %d slices, %s", case_id, kind, slices, noise.describe())
         folders.append(out / case_id)
     return folders
+
+
+# -- a site's own routine-dose series -------------------------------------------------------------
+
+
+def insert_noise(
+    hu: np.ndarray,
+    pixel_mm: float,
+    noise: NoiseModel,
+    rng: np.random.Generator,
+    reconstruction_diameter_mm: float | None = None,
+) -> np.ndarray:
+    """The simulated low dose of one regular-dose slice of any shape, float32 HU.
+
+    The slice is centred on a square canvas. A targeted reconstruction (an image that covers
+    only part of its ``reconstruction_diameter_mm``) is embedded in water out to that diameter,
+    so the rays cross a body of about the scanned size rather than the crop alone.
+    """
+    rows, cols = hu.shape
+    n = max(rows, cols)
+    fill = -1000.0
+    if reconstruction_diameter_mm and reconstruction_diameter_mm > 1.05 * n * pixel_mm:
+        n = int(np.ceil(reconstruction_diameter_mm / pixel_mm))
+        fill = 0.0
+    canvas = np.full((n, n), fill, np.float32)
+    y0, x0 = (n - rows) // 2, (n - cols) // 2
+    canvas[y0 : y0 + rows, x0 : x0 + cols] = hu
+    added = noise.low_dose(canvas, pixel_mm, rng) - canvas
+    return (hu + added[y0 : y0 + rows, x0 : x0 + cols]).astype(np.float32)
+
+
+@dataclass
+class FromSummary:
+    """What :func:`synthesize_from` did."""
+
+    series: int = 0
+    slices: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def reasons(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for _, why in self.skipped:
+            key = why.split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+
+def _skip_reason(ds: Dataset) -> str | None:
+    """Why a header cannot be a regular-dose CT slice to simulate from; None if it can."""
+    modality = str(ds.get("Modality", "") or "")
+    if modality != "CT":
+        return f"modality {modality or 'missing'}, not CT"
+    if "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        return "localizer (ImageType LOCALIZER)"
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return "multi-frame image (not supported)"
+    if not ds.get("Rows") or not ds.get("Columns"):
+        return "no image (Rows/Columns missing)"
+    spacing = ds.get("PixelSpacing")
+    if not spacing or len(spacing) != 2 or float(spacing[0]) <= 0:
+        return "no usable PixelSpacing"
+    if not valid_uid(str(ds.get("SeriesInstanceUID", ""))):
+        return "no valid SeriesInstanceUID"
+    return None
+
+
+def scan_series(src: Path, summary: FromSummary) -> dict[str, list[tuple[float, Path]]]:
+    """CT slices under ``src`` by series, sorted along z; everything else into ``summary``."""
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list[tuple[float, Path]]] = {}
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        name = str(path.relative_to(src))
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError) as err:
+            summary.skipped.append((name, f"unreadable: not a DICOM file ({type(err).__name__})"))
+            continue
+        why = _skip_reason(ds)
+        if why is not None:
+            summary.skipped.append((name, why))
+            continue
+        pos = ds.get("ImagePositionPatient")
+        z = float(pos[2]) if pos and len(pos) == 3 else float(ds.get("InstanceNumber", 0) or 0)
+        groups.setdefault(str(ds.SeriesInstanceUID), []).append((z, path))
+    for items in groups.values():
+        items.sort(key=lambda t: t[0])
+    return groups
+
+
+def low_dose_dataset(
+    source: Dataset, hu: np.ndarray, noise: NoiseModel, series_uid: str
+) -> Dataset:
+    """``source`` with ``hu`` as its pixels, labelled as a simulated low dose of it: a new
+    series, DERIVED, Explicit VR Little Endian whatever the source's transfer syntax."""
+    ds = copy.deepcopy(source)
+    stored = dicom_io.hu_to_stored(hu, source)
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = generate_uid(UID_ROOT)
+    ds.SeriesDescription = f"Low Dose Images ({noise.describe()})"[:64]
+    image_type = [str(v) for v in (source.get("ImageType") or ["ORIGINAL", "PRIMARY"])]
+    ds.ImageType = ["DERIVED", *image_type[1:]]
+    ds.ImageComments = (
+        f"Simulated low dose ({noise.describe()}) by projection-domain noise insertion "
+        "(Yu et al. 2012) into a regular-dose image"
+    )
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OW"
+    for elem in ("SmallestImagePixelValue", "LargestImagePixelValue"):
+        if elem in ds:
+            delattr(ds, elem)
+    ds.file_meta = copy.deepcopy(source.file_meta)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _from_series(
+    job: tuple[int, list[Path], Path, Path, DoseChoice, tuple[str, ...], int, float],
+) -> tuple[int, list[tuple[str, str]]]:
+    """One source series -> its case folder (regular dose copied, low dose simulated)."""
+    k, paths, src, out, doses, filters, seed, i0 = job
+    choices = np.random.default_rng([seed, k, 1])
+    rng = np.random.default_rng([seed, k, 2])
+    noise = NoiseModel(
+        dose=doses.draw(choices), i0=i0, filter=filters[int(choices.integers(len(filters)))]
+    )
+    skipped: list[tuple[str, str]] = []
+    case = out / f"R{k:05d}" / "study"
+    nd_dir = case / f"1.000000-Full dose images-{k:05d}"
+    ld_dir = case / f"1.000000-Low Dose Images-{k:05d}"
+    ld_uid = generate_uid(UID_ROOT)
+    shape: tuple[int, ...] | None = None
+    written = 0
+    for i, path in enumerate(paths):
+        name = str(path.relative_to(src))
+        try:
+            ds = pydicom.dcmread(path)
+            hu = dicom_io.read_hu(ds)
+        except Exception as err:  # an undecodable or damaged slice: skip it, say why
+            skipped.append((name, f"unreadable pixel data: {err}"))
+            continue
+        if shape is None:
+            shape = hu.shape
+        elif hu.shape != shape:
+            skipped.append((name, f"matrix {hu.shape} differs from its series' {shape}"))
+            continue
+        pixel_mm = float(np.mean([float(v) for v in ds.PixelSpacing]))
+        diameter = ds.get("ReconstructionDiameter")
+        ld = insert_noise(hu, pixel_mm, noise, rng, float(diameter) if diameter else None)
+        nd_dir.mkdir(parents=True, exist_ok=True)
+        ld_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, nd_dir / f"{i + 1:05d}.dcm")
+        pydicom.dcmwrite(
+            ld_dir / f"{i + 1:05d}.dcm",
+            low_dose_dataset(ds, ld, noise, ld_uid),
+            enforce_file_format=True,
+        )
+        written += 1
+    logger.info("series %d: %d slices, %s", k, written, noise.describe())
+    return written, skipped
+
+
+def synthesize_from(
+    src: Path,
+    out: Path,
+    *,
+    dose: DoseChoice,
+    filters: tuple[str, ...] = ("ramp",),
+    seed: int = 0,
+    i0: float = I0_DEFAULT,
+    workers: int = 1,
+    progress: bool = True,
+) -> FromSummary:
+    """Every CT series under ``src`` as a regular dose, with a simulated low dose beside it, in
+    the layout ``fit`` and ``evaluate`` read (``out/R<k>/study/{Full dose,Low Dose}...``).
+
+    Non-CT files, localizers, multi-frame images and unreadable files are skipped, each with a
+    one-line reason (logged, and listed in the returned summary). Series are numbered in the
+    order of their first file's path; folder names never come from the files' contents.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
+    from rich.progress import Progress
+
+    summary = FromSummary()
+    groups = scan_series(src, summary)
+    for name, why in summary.skipped:
+        logger.warning("skipped %s: %s", name, why)
+    jobs = [
+        (k, [p for _, p in items], src, out, dose, filters, seed, i0)
+        for k, items in enumerate(groups.values())
+    ]
+    total = sum(len(j[1]) for j in jobs)
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("simulating low dose", total=total)
+        if workers > 1:
+            pool = ProcessPoolExecutor(workers)
+            results = pool.map(_from_series, jobs)
+        else:
+            pool = None
+            results = map(_from_series, jobs)
+        try:
+            for job, (written, skipped) in zip(jobs, results, strict=True):
+                for name, why in skipped:
+                    logger.warning("skipped %s: %s", name, why)
+                summary.skipped.extend(skipped)
+                summary.series += written > 0
+                summary.slices += written
+                bar.advance(task, len(job[1]))
+        finally:
+            if pool is not None:
+                pool.shutdown()
+    return summary
 
 
 def simple_series(

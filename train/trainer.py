@@ -1,12 +1,17 @@
-"""Unpaired UNIT training: one discriminator step, then one generator step, per iteration.
+"""UNIT training: one discriminator step, then one generator step, per iteration.
 
 The defaults are the reference recipe (losses and weights, Adam 1e-4 / (0.5, 0.999) with coupled
-weight decay 1e-4, batch 1, 26 epochs, 256 crops). Options that change it (HU window, residual
-output, what the discriminators see, the LD-side cycle weight) are recorded in every checkpoint.
+weight decay 1e-4, batch 1, 26 epochs, 256 crops, unpaired). Options that change it (HU window,
+residual output, what the discriminators see, the LD-side cycle weight, a paired term for slices
+with a regular-dose partner, an average of the weights, the schedule) are recorded in every
+checkpoint. With the paired term on and every unpaired weight at zero, an iteration is one
+supervised step of the LD->HD translator alone (as used at inference: no latent noise, no
+discriminators).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.data import UnpairedStream
+from train.data import Augment, Batch, TrainingStream
 from train.losses import LossWeights, disc_loss, generator_losses
 from unit_model import checkpoint as ckpt
 from unit_model.networks import GeneratorConfig, PatchDiscriminator, UnitGenerator
@@ -33,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 DiscView = Literal["image", "soft_tissue", "highpass", "noise_energy"]
 ReconLowpass = Literal["none", "all", "ld"]
+Schedule = Literal["constant", "cosine"]
 
 
 @dataclass
@@ -58,12 +64,27 @@ class TrainOptions:
     body_fraction: float = 0.0
     recon_lowpass: ReconLowpass = "none"
     amp: bool = True
+    ema: float = 0.0  # decay of the generator's weight average; 0 = no average
+    augment: Augment = "flip"
+    lr_schedule: Schedule = "constant"  # cosine: to 0 over max_iterations (or the epochs)
 
     def __post_init__(self) -> None:
-        for name, allowed in (("disc_view", DiscView), ("recon_lowpass", ReconLowpass)):
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema must be in [0, 1), not {self.ema}")
+        for name, allowed in (
+            ("disc_view", DiscView),
+            ("recon_lowpass", ReconLowpass),
+            ("augment", Augment),
+            ("lr_schedule", Schedule),
+        ):
             value, choices = getattr(self, name), get_args(allowed)
             if value not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+    @property
+    def paired_only(self) -> bool:
+        """Only the paired term is on: train the LD->HD translator alone, supervised."""
+        return self.weights.paired > 0 and not self.weights.unpaired
 
     @property
     def window(self) -> HUWindow:
@@ -102,6 +123,16 @@ def _lowpass(x: Tensor) -> Tensor:
     return F.avg_pool2d(F.pad(x, (2, 2, 2, 2), mode="reflect"), 5, stride=1)
 
 
+def _summary(losses: dict[str, float]) -> str:
+    """The progress bar's loss figures."""
+    text = f"G {losses['total']:.4f}"
+    if "adv" in losses:
+        text += f" adv {losses['adv']:.3f} D {losses['d_ld']:.3f}/{losses['d_hd']:.3f}"
+    if "paired" in losses:
+        text += f" paired {losses['paired']:.4f}"
+    return text
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -112,7 +143,7 @@ class Trainer:
     def __init__(
         self,
         opts: TrainOptions,
-        stream: UnpairedStream,
+        stream: TrainingStream,
         run_dir: Path,
         device: torch.device,
         data_description: dict[str, Any] | None = None,
@@ -131,13 +162,21 @@ class Trainer:
         self.d_ld = PatchDiscriminator(init_std=opts.disc_init_std).to(device)
         self.d_hd = PatchDiscriminator(init_std=opts.disc_init_std).to(device)
         self.g_model: nn.Module = self.gen
+        self.t_model: nn.Module = self.gen.translator()
         self.d_models: tuple[nn.Module, nn.Module] = (self.d_ld, self.d_hd)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [device.index] if device.type == "cuda" else None
-            self.g_model = DDP(self.gen, device_ids=ids)
-            self.d_models = (DDP(self.d_ld, device_ids=ids), DDP(self.d_hd, device_ids=ids))
+            if opts.paired_only:
+                self.t_model = DDP(self.t_model, device_ids=ids)
+            else:
+                self.g_model = DDP(self.gen, device_ids=ids)
+                self.d_models = (DDP(self.d_ld, device_ids=ids), DDP(self.d_hd, device_ids=ids))
+        # The weight average (``--ema``): what is evaluated, picked and saved as a generator.
+        self.ema_gen: UnitGenerator | None = None
+        if opts.ema:
+            self.ema_gen = copy.deepcopy(self.gen).requires_grad_(False)
         betas = (opts.beta1, opts.beta2)
         self.opt_g = torch.optim.Adam(
             self.gen.parameters(), lr=opts.lr, betas=betas, weight_decay=opts.weight_decay
@@ -147,6 +186,8 @@ class Trainer:
             d_params, lr=opts.disc_lr or opts.lr, betas=betas, weight_decay=opts.weight_decay
         )
         self.amp = opts.amp and device.type == "cuda"
+        self.base_lrs = (opts.lr, opts.disc_lr or opts.lr)
+        self.total_iterations: int | None = None  # set by fit() for the schedule
         self.iteration = 0
         self.epoch = 0
         self.best: dict[str, Any] = {}
@@ -167,7 +208,13 @@ class Trainer:
             "best": json.dumps(self.best),
             "torch_rng": torch.get_rng_state(),
             "stream_rng": json.dumps(self.stream.rng.bit_generator.state),
+            **({"ema": self.ema_gen.state_dict()} if self.ema_gen is not None else {}),
         }
+
+    @property
+    def shipped(self) -> UnitGenerator:
+        """The generator that is evaluated and saved: the weight average when there is one."""
+        return self.ema_gen if self.ema_gen is not None else self.gen
 
     def save(self) -> Path:
         """Trainer state (state.pt) and generator weights (generator-*.safetensors)."""
@@ -186,7 +233,7 @@ class Trainer:
         }
         ckpt.save(
             self.run_dir / "generator-last.safetensors",
-            self.gen,
+            self.shipped,
             self.opts.window,
             inference_only=False,
             data=self.data_description,
@@ -206,6 +253,8 @@ class Trainer:
         self.d_hd.load_state_dict(state["d_hd"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+        if self.ema_gen is not None:
+            self.ema_gen.load_state_dict(state.get("ema", state["generator"]))
         self.iteration = int(state["iteration"])
         self.epoch = int(state["epoch"])
         self.best = json.loads(state["best"])
@@ -214,11 +263,50 @@ class Trainer:
         logger.info("resumed from %s at iteration %d (epoch %d)", path, self.iteration, self.epoch)
 
     # -- one iteration --------------------------------------------------------------------
-    def step(self, ld: Tensor, hd: Tensor) -> dict[str, float]:
+    def _set_lr(self) -> None:
+        if self.opts.lr_schedule != "cosine" or not self.total_iterations:
+            return
+        f = 0.5 * (1 + math.cos(math.pi * min(self.iteration / self.total_iterations, 1.0)))
+        for opt, base in zip((self.opt_g, self.opt_d), self.base_lrs, strict=True):
+            for group in opt.param_groups:
+                group["lr"] = base * f
+
+    def _update_ema(self) -> None:
+        if self.ema_gen is None:
+            return
+        # warm-up: early on the average follows the weights more closely
+        decay = min(self.opts.ema, (1 + self.iteration) / (10 + self.iteration))
+        with torch.no_grad():
+            for avg, p in zip(self.ema_gen.parameters(), self.gen.parameters(), strict=True):
+                avg.lerp_(p.detach(), 1 - decay)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        self._set_lr()
+        out = self._paired_step(batch) if self.opts.paired_only else self._unit_step(batch)
+        self.iteration += 1
+        self._update_ema()
+        return out
+
+    def _paired_step(self, batch: Batch) -> dict[str, float]:
+        """Supervised: L1 between the translator's output and the regular-dose partner."""
+        keep = batch.paired
+        ld = batch.ld[keep].to(self.device)
+        target = batch.target[keep].to(self.device)
+        self.opt_g.zero_grad(set_to_none=True)
+        if not len(ld):
+            return {"paired": 0.0, "total": 0.0}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss = (self.t_model(ld).float() - target).abs().mean()
+        total = self.opts.weights.paired * loss
+        total.backward()
+        self.opt_g.step()
+        return {"paired": float(loss.detach()), "total": float(total.detach())}
+
+    def _unit_step(self, batch: Batch) -> dict[str, float]:
         o = self.opts
         view = o.disc_view
         win = o.window
-        ld, hd = ld.to(self.device), hd.to(self.device)
+        ld, hd = batch.ld.to(self.device), batch.hd.to(self.device)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
         d_ld, d_hd = self.d_models
         # Generator forward (training mode: latent noise); its fakes feed the D step detached.
@@ -254,10 +342,14 @@ class Trainer:
                 o.weights,
                 lowpass=None if o.recon_lowpass == "none" else _lowpass,
                 lowpass_hd=o.recon_lowpass == "all",
+                paired=(
+                    (ld2hd[batch.paired], batch.target[batch.paired].to(self.device))
+                    if o.weights.paired
+                    else None
+                ),
             )
         terms["total"].backward()
         self.opt_g.step()
-        self.iteration += 1
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["d_ld"] = float(loss_d_ld.detach())
         out["d_hd"] = float(loss_d_hd.detach())
@@ -267,9 +359,10 @@ class Trainer:
         """The reference's 2 x 2 figure: LD, LD->HD / HD, HD->LD, in a C40/W400 window."""
         from pacs_node.images import save_grid
 
-        self.gen.eval()
+        gen = self.shipped
+        gen.eval()
         with torch.no_grad():
-            outs = self.gen(ld[:1].to(self.device), hd[:1].to(self.device))
+            outs = gen(ld[:1].to(self.device), hd[:1].to(self.device))
         self.gen.train()
         win = self.opts.window
         tiles = [
@@ -287,6 +380,7 @@ class Trainer:
         deadline = self.started + o.max_minutes * 60 if o.max_minutes else math.inf
         per_epoch = max(len(self.stream) // o.batch_size, 1)
         total = o.max_iterations or o.epochs * per_epoch
+        self.total_iterations = total
         self.gen.train()
         done = False
         with (
@@ -306,9 +400,9 @@ class Trainer:
             )
             while self.epoch < o.epochs and not done:
                 last: tuple[Tensor, Tensor] | None = None
-                for ld, hd in self.stream.epoch(o.batch_size):
-                    losses = self.step(ld, hd)
-                    last = (ld, hd)
+                for batch in self.stream.epoch(o.batch_size):
+                    losses = self.step(batch)
+                    last = (batch.ld, batch.hd)
                     row = {
                         "iteration": self.iteration,
                         "epoch": self.epoch,
@@ -326,10 +420,7 @@ class Trainer:
                         task,
                         advance=1,
                         epoch=self.epoch,
-                        losses=(
-                            f"G {losses['total']:.3f} adv {losses['adv']:.3f} "
-                            f"D {losses['d_ld']:.3f}/{losses['d_hd']:.3f}"
-                        ),
+                        losses=_summary(losses),
                     )
                     if o.checkpoint_every and self.iteration % o.checkpoint_every == 0:
                         self.checkpoint()
@@ -350,8 +441,9 @@ class Trainer:
         self.save()
         if self.evaluate is None or self.rank != 0:
             return
-        self.gen.eval()
-        metrics = self.evaluate(self.gen, self.opts.window)
+        gen = self.shipped
+        gen.eval()
+        metrics = self.evaluate(gen, self.opts.window)
         self.gen.train()
         metrics["iteration"] = self.iteration
         with open(self.run_dir / "heldout.jsonl", "a") as f:
@@ -361,7 +453,7 @@ class Trainer:
             self.best = metrics
             ckpt.save(
                 self.run_dir / "generator-best.safetensors",
-                self.gen,
+                gen,
                 self.opts.window,
                 data=self.data_description,
                 metrics=metrics,

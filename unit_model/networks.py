@@ -31,7 +31,9 @@ class GeneratorConfig:
     untrained network is the identity. ``image_skip`` (needs ``residual_output``) gives each
     decoder's last conv a full-resolution view of the image it corrects (conv3 + ReLU features
     concatenated to the upsampled ones), so pixel-level noise need not pass the 1/4-resolution,
-    noise-injected latent to be subtracted.
+    noise-injected latent to be subtracted. ``encoder_skips`` (needs ``residual_output``) hands
+    the encoder's full- and half-resolution features to the decoder it feeds (U-Net style), so
+    edges keep their place to the pixel.
     """
 
     channels: int = 1
@@ -43,6 +45,7 @@ class GeneratorConfig:
     residual_output: bool = False
     residual_scale: float = 0.25
     image_skip: bool = False
+    encoder_skips: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,8 +59,9 @@ class GeneratorConfig:
         return cls(**data)
 
     def __post_init__(self) -> None:
-        if self.image_skip and not self.residual_output:
-            raise ValueError("image_skip needs residual_output")
+        for name in ("image_skip", "encoder_skips"):
+            if getattr(self, name) and not self.residual_output:
+                raise ValueError(f"{name} needs residual_output")
 
 
 class ResidualBlock(nn.Module):
@@ -82,7 +86,11 @@ def _res_stack(channels: int, n: int) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """[B,1,H,W] -> [B,4F,H/4,W/4]: conv7 (reflect), LeakyReLU, 2 x (conv3 s2, IN, ReLU), res."""
+    """[B,1,H,W] -> [B,4F,H/4,W/4]: conv7 (reflect), LeakyReLU, 2 x (conv3 s2, IN, ReLU), res.
+
+    :meth:`features` also returns the full- and half-resolution activations ([B,F,H,W],
+    [B,2F,H/2,W/2]) for decoders with ``encoder_skips``.
+    """
 
     def __init__(self, cfg: GeneratorConfig) -> None:
         super().__init__()
@@ -98,6 +106,12 @@ class Encoder(nn.Module):
             nn.ReLU(inplace=True),
             _res_stack(4 * f, cfg.encoder_residual_blocks),
         )
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(latent, half-resolution, full-resolution) activations."""
+        full = self.layers[:2](x)
+        half = self.layers[2:5](full)
+        return self.layers[5:](half), half, full
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
@@ -116,27 +130,43 @@ class Decoder(nn.Module):
         super().__init__()
         f = cfg.filters
         self.cfg = cfg
+        joined = 2 if cfg.encoder_skips else 1  # encoder features joined at each resolution
+        first_up = _upsample(4 * f, 2 * f, cfg.upsample)
         self.layers = nn.Sequential(
             _res_stack(4 * f, cfg.decoder_residual_blocks),
-            *_upsample(4 * f, 2 * f, cfg.upsample),
+            *first_up,
             nn.InstanceNorm2d(2 * f),
             nn.ReLU(inplace=True),
-            *_upsample(2 * f, f, cfg.upsample),
+            *_upsample(2 * f * joined, f, cfg.upsample),
             nn.InstanceNorm2d(f),
             nn.ReLU(inplace=True),
         )
+        self._half = 3 + len(first_up)  # layers before this index run at half resolution
         self.skip: nn.Module | None = None
-        head_in = f
+        head_in = f * joined
         if cfg.image_skip:
             self.skip = nn.Sequential(
                 nn.Conv2d(cfg.channels, f, 3, padding=1, padding_mode="reflect"),
                 nn.ReLU(inplace=True),
             )
-            head_in = 2 * f
+            head_in += f
         self.head = nn.Conv2d(head_in, cfg.channels, 7, padding=3, padding_mode="reflect")
 
-    def forward(self, h: Tensor, source: Tensor | None = None) -> Tensor:
-        features = self.layers(h)
+    def forward(
+        self,
+        h: Tensor,
+        source: Tensor | None = None,
+        skips: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """``source``: the image being translated ([B,1,H,W]; residual output, image skip);
+        ``skips``: its encoder's (half, full)-resolution features (``encoder_skips``)."""
+        if self.cfg.encoder_skips:
+            assert skips is not None, "an encoder-skip decoder needs its encoder's features"
+            features = self.layers[: self._half](h)
+            features = self.layers[self._half :](torch.cat([features, skips[0]], dim=1))
+            features = torch.cat([features, skips[1]], dim=1)
+        else:
+            features = self.layers(h)
         if self.skip is not None:
             assert source is not None, "an image-skip decoder needs the image it corrects"
             features = torch.cat([features, self.skip(source)], dim=1)
@@ -193,14 +223,15 @@ class UnitGenerator(nn.Module):
         each decoder; instance norm works per image, so no statistics mix between them.
         """
         b = x_ld.shape[0]
-        h_ld = self.shared_enc(self.enc_ld(x_ld))
-        h_hd = self.shared_enc(self.enc_hd(x_hd))
+        e_ld, e_hd = self.enc_ld.features(x_ld), self.enc_hd.features(x_hd)
+        h_ld, h_hd = self.shared_enc(e_ld[0]), self.shared_enc(e_hd[0])
         h = torch.cat([h_ld, h_hd])
         z = h + torch.randn_like(h) if self.training else h
         d = self.shared_dec(z)
         src = torch.cat([x_ld, x_hd])
-        to_ld = self.dec_ld(d, src)
-        to_hd = self.dec_hd(d, src)
+        skips = (torch.cat([e_ld[1], e_hd[1]]), torch.cat([e_ld[2], e_hd[2]]))
+        to_ld = self.dec_ld(d, src, skips)
+        to_hd = self.dec_hd(d, src, skips)
         out = (to_ld[:b], to_ld[b:], to_hd[:b], to_hd[b:])
         return (*out, h_ld, h_hd) if return_latents else out
 
@@ -223,7 +254,8 @@ class UnitTranslator(nn.Module):
         self.decoder = gen.dec_hd
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.shared_dec(self.shared_enc(self.encoder(x))), x)
+        h, half, full = self.encoder.features(x)
+        return self.decoder(self.shared_dec(self.shared_enc(h)), x, (half, full))
 
 
 class PatchDiscriminator(nn.Module):

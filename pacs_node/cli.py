@@ -167,8 +167,14 @@ def denoise(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="folder for the report")] = Path("demo-report"),
-    slices: Annotated[int, typer.Option(help="slices in the synthetic series")] = 24,
-    size: Annotated[int, typer.Option(help="matrix size")] = 256,
+    slices: Annotated[int, typer.Option(help="slices in the synthetic series")] = 8,
+    size: Annotated[
+        int,
+        typer.Option(
+            help="matrix size over a 380 mm field of view; 512 gives a quarter-dose abdomen's "
+            "noise (smaller matrices have larger pixels, hence less noise)"
+        ),
+    ] = 512,
     config: ConfigOption = None,
 ) -> None:
     """Synthetic low-dose series -> node -> local destination, then a report with montages."""

@@ -93,6 +93,7 @@ class ModelConfig(_Section):
     batch_size: int = Field(default=8, ge=1, le=1024)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    strength: float = Field(default=1.0, ge=0.0, le=1.0)
 
     @field_validator("device")
     @classmethod
@@ -126,6 +127,7 @@ class WorkerConfig(_Section):
 
 class QualityConfig(_Section):
     max_hu_bias: float = Field(default=10.0, gt=0)
+    max_edge_ratio: float = Field(default=4.0, gt=0)
     forward_on_failure: bool = False
 
 

@@ -94,10 +94,15 @@ def derive(
     software_version: str,
     series_number_offset: int,
     series_description_suffix: str,
+    strength: float = 1.0,
     now: datetime.datetime | None = None,
 ) -> Dataset:
     """The denoised counterpart of ``source`` holding ``hu``: same patient, study and geometry;
-    a new series; DERIVED\\SECONDARY with its provenance; Explicit VR Little Endian."""
+    a new series; DERIVED\\SECONDARY with its provenance; Explicit VR Little Endian.
+
+    ``model_version`` is what the UIDs derive from and the provenance names (with the strength
+    when it is not 1, see ``Denoiser.version_label``); ``strength`` is added to the series
+    description when it is not 1."""
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian
 
@@ -110,9 +115,10 @@ def derive(
     ds.SOPInstanceUID = derived_uid(src_sop, model_version, "instance")
     number = source.get("SeriesNumber")
     ds.SeriesNumber = (int(number) if number not in (None, "") else 0) + series_number_offset
-    ds.SeriesDescription = (str(source.get("SeriesDescription", "")) + series_description_suffix)[
-        :64
-    ]
+    suffix = series_description_suffix
+    if strength != 1.0:  # blended with the input: say how much
+        suffix += f" [strength {strength:g}]"
+    ds.SeriesDescription = (str(source.get("SeriesDescription", "")) + suffix)[-64:]
     image_type = list(source.get("ImageType", []) or [])
     ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]]
     ds.DerivationDescription = (

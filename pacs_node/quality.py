@@ -1,7 +1,12 @@
-"""Uniform-region finder and the figures of the quality gate: HU bias and noise SD.
+"""The quality gate's figures and its verdict.
 
-Regions are found on the input series (flat anatomy in a soft-tissue HU range, judged on a
-smoothed copy so noise does not hide them); the same regions are then measured on the output.
+* HU bias and noise SD in uniform regions: regions are found on the input series (flat anatomy in
+  a soft-tissue HU range, judged on a smoothed copy so noise does not hide them); the same
+  regions are then measured on the output.
+* Structure: what the model removed (input - output) must look like noise, not anatomy. Noise is
+  about as strong on the input's edges as on its flat tissue; a filter that blurs removes far more
+  on edges. ``edge_ratio`` = mean squared removal on the strongest 10 % of the input's edges ÷ on
+  its flattest half, in the body.
 """
 
 from __future__ import annotations
@@ -20,9 +25,67 @@ class QualityFigures:
     noise_in: float  # mean SD of the input in the regions, HU
     noise_out: float  # mean SD of the output in the regions, HU
     regions: int
+    edge_ratio: float = float("nan")  # removal on edges ÷ removal on flat tissue (see above)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's decision on a series: what is wrong with it (nothing = passed)."""
+
+    problems: tuple[str, ...]
+    measurable: bool  # False: no uniform region to measure on
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+def judge(q: QualityFigures, max_hu_bias: float, max_edge_ratio: float) -> Verdict:
+    """Figures in, verdict out: the HU bias within bounds, the noise lower than the input's, and
+    what was removed no more concentrated on edges than ``max_edge_ratio`` allows."""
+    if not q.regions:
+        return Verdict((), measurable=False)
+    problems = []
+    if abs(q.hu_bias) > max_hu_bias:
+        problems.append(f"|HU bias| {abs(q.hu_bias):.1f} > quality.max_hu_bias {max_hu_bias:g}")
+    if not q.noise_out < q.noise_in:
+        problems.append(f"noise SD {q.noise_out:.1f} HU is not below the input's {q.noise_in:.1f}")
+    if np.isfinite(q.edge_ratio) and q.edge_ratio > max_edge_ratio:
+        problems.append(
+            f"removed structure: {q.edge_ratio:.1f}x more removed on edges than on flat tissue "
+            f"> quality.max_edge_ratio {max_edge_ratio:g}"
+        )
+    return Verdict(tuple(problems), measurable=True)
+
+
+def edge_removal(
+    inp: np.ndarray, out: np.ndarray, body: tuple[float, float] = (-500.0, 1500.0)
+) -> tuple[float, int, float, int]:
+    """Squared removal (input - output) summed over the input's strongest edges and over its
+    flattest tissue, with the pixel counts: (edge sum, edge pixels, flat sum, flat pixels).
+
+    Edges are judged on a smoothed input (Gaussian, 1.5 px) so its noise does not count as edges.
+    """
+    edge_sum = flat_sum = 0.0
+    edge_n = flat_n = 0
+    for k in range(inp.shape[0]):
+        smooth = ndimage.gaussian_filter(inp[k].astype(np.float32), 1.5)
+        grad = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1))
+        mask = (smooth > body[0]) & (smooth < body[1])
+        if mask.sum() < 256:
+            continue
+        g = grad[mask]
+        hi, lo = np.percentile(g, [90, 50])
+        removed = (inp[k] - out[k]).astype(np.float64) ** 2
+        edges, flat = mask & (grad >= hi), mask & (grad <= lo)
+        edge_sum += float(removed[edges].sum())
+        edge_n += int(edges.sum())
+        flat_sum += float(removed[flat].sum())
+        flat_n += int(flat.sum())
+    return edge_sum, edge_n, flat_sum, flat_n
 
 
 def _smoothed(img: np.ndarray, step: int) -> np.ndarray:
@@ -89,6 +152,7 @@ class RegionTally:
     bias: list[float] = field(default_factory=list)
     sd_ref: list[float] = field(default_factory=list)
     sd_out: list[float] = field(default_factory=list)
+    edges: list[float] = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # see edge_removal
 
     def add(self, ref: np.ndarray, out: np.ndarray, regions: list[Region]) -> None:
         """Measure ``out`` against ``ref`` (both [N, H, W] HU) in ``regions``."""
@@ -98,14 +162,24 @@ class RegionTally:
             self.sd_ref.append(float(np.std(a)))
             self.sd_out.append(float(np.std(b)))
 
+    def add_edges(self, ref: np.ndarray, out: np.ndarray) -> None:
+        """Also gather what ``out`` removed from ``ref`` on edges and on flat tissue."""
+        for i, v in enumerate(edge_removal(ref, out)):
+            self.edges[i] += v
+
     def figures(self) -> QualityFigures:
         if not self.bias:
             return QualityFigures(float("nan"), float("nan"), float("nan"), 0)
+        edge_sum, edge_n, flat_sum, flat_n = self.edges
+        ratio = float("nan")
+        if edge_n and flat_n and flat_sum > 0:
+            ratio = (edge_sum / edge_n) / (flat_sum / flat_n)
         return QualityFigures(
             float(np.mean(self.bias)),
             float(np.mean(self.sd_ref)),
             float(np.mean(self.sd_out)),
             len(self.bias),
+            ratio,
         )
 
 
@@ -116,4 +190,5 @@ def measure(
     on ``inp`` unless given)."""
     tally = RegionTally()
     tally.add(inp, out, find_uniform_regions(inp) if regions is None else regions)
+    tally.add_edges(inp, out)
     return tally.figures()

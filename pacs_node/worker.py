@@ -29,7 +29,7 @@ from pacs_node.errors import PermanentError, RetryableError
 from pacs_node.forward import Forwarder
 from pacs_node.http import Metrics
 from pacs_node.images import save_thumbnail
-from pacs_node.quality import QualityFigures, RegionTally, find_uniform_regions
+from pacs_node.quality import QualityFigures, RegionTally, find_uniform_regions, judge
 from pacs_node.queue import Claim, InstanceState, JobState, LostClaim, Queue
 from pacs_node.storage import Storage
 from unit_model.denoiser import Denoiser
@@ -47,6 +47,7 @@ class SeriesQuality(RegionTally):
 
     def add_chunk(self, hu_in: np.ndarray, hu_out: np.ndarray) -> None:
         self.add(hu_in, hu_out, find_uniform_regions(hu_in, per_slice=1))
+        self.add_edges(hu_in, hu_out)
 
 
 def denoise_slices(
@@ -75,7 +76,8 @@ def derive_output(
     return derive(
         source,
         hu,
-        model_version=denoiser.model_version,
+        model_version=denoiser.version_label,
+        strength=denoiser.strength,
         software_version=__version__,
         series_number_offset=config.output.series_number_offset,
         series_description_suffix=config.output.series_description_suffix,
@@ -90,6 +92,7 @@ def load_denoiser(config: Config) -> Denoiser:
         precision=m.precision,
         batch_size=m.batch_size,
         compile=m.compile,
+        strength=m.strength,
     )
 
 
@@ -277,7 +280,7 @@ class Worker:
             self._write_derived(claim, iid, src, res)
             for iid, src, res in zip(ids, sources, outputs, strict=True)
         ]
-        self.queue.mark_denoised(claim, done, self.denoiser.model_version)
+        self.queue.mark_denoised(claim, done, self.denoiser.version_label)
 
     def _write_derived(
         self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray
@@ -292,30 +295,23 @@ class Worker:
     def _gate(self, claim: Claim, q: QualityFigures) -> bool:
         """Store the figures; hold the series (fail the job) if they are out of bounds."""
         cfg = self.config.quality
-        problems = []
-        if q.regions and abs(q.hu_bias) > cfg.max_hu_bias:
-            problems.append(
-                f"|HU bias| {abs(q.hu_bias):.1f} > quality.max_hu_bias {cfg.max_hu_bias}"
-            )
-        if q.regions and not q.noise_out < q.noise_in:
-            problems.append(
-                f"noise SD {q.noise_out:.1f} HU is not below the input's {q.noise_in:.1f}"
-            )
+        verdict = judge(q, cfg.max_hu_bias, cfg.max_edge_ratio)
         record = json.dumps(q.to_dict())
-        if not q.regions:  # nothing to measure on: forward, flagged, rather than hold blindly
+        if not verdict.measurable:  # nothing to measure on: forward, flagged, not held blindly
             logger.warning("job %d: no uniform region to measure; forwarding flagged", claim.job_id)
             self.queue.set_state(claim, JobState.RUNNING, quality=record, flagged=True)
             return True
+        problems = "; ".join(verdict.problems)
         if problems and not cfg.forward_on_failure:
-            self.queue.fail(claim, "quality gate: " + "; ".join(problems), quality=record)
-            logger.error("job %d held by the quality gate: %s", claim.job_id, "; ".join(problems))
+            self.queue.fail(claim, "quality gate: " + problems, quality=record)
+            logger.error("job %d held by the quality gate: %s", claim.job_id, problems)
             return False
         self.queue.set_state(claim, JobState.RUNNING, quality=record, flagged=bool(problems))
         if problems:
             logger.warning(
                 "job %d: quality gate failed but quality.forward_on_failure is set: %s",
                 claim.job_id,
-                "; ".join(problems),
+                problems,
             )
         return True
 

@@ -241,9 +241,9 @@ def test_tuned_baselines_are_picked_on_held_out_data_and_bm3d_removes_noise(
     synth.synthesize(held, cases=1, size=256, slices=2, seed=21, extras=False)
     synth.synthesize(test, cases=1, size=256, slices=2, seed=22, extras=False)
     out = tmp_path / "out"
-    cmd = [str(BIN / "unit-train"), "evaluate", "--data", str(test), "--out", str(out)]
+    cmd = [str(BIN / "unit-train"), "evaluate", "--data", str(test), "--baselines", "gaussian,bm3d"]
     res = subprocess.run(
-        [*cmd, "--tune-on", str(held), "--baselines", "gaussian,bm3d"],
+        [*cmd, "--out", str(out), "--tune-on", str(held)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -261,7 +261,7 @@ def test_tuned_baselines_are_picked_on_held_out_data_and_bm3d_removes_noise(
     assert rows["BM3D"][0] == f"sigma_psd = {chosen['strengths']['BM3D']:g}·σ"
     # the same strengths again, from the saved settings, without tuning
     again = subprocess.run(
-        [*cmd + ["--out", str(tmp_path / "again")], "--settings", str(out / "baselines.json")],
+        [*cmd, "--out", str(tmp_path / "again"), "--settings", str(out / "baselines.json")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -201,3 +201,33 @@ def test_cuda_bf16_close_to_fp32() -> None:
     a = Denoiser(gen.translator(), HUWindow(), device="cpu").denoise_hu(hu)
     b = Denoiser(gen.translator(), HUWindow(), device="cuda", precision="bf16").denoise_hu(hu)
     assert np.abs(a - b).mean() < 20
+
+
+class _Shift(nn.Module):
+    """A 'network' that lowers everything by 0.01 network units (10.24 HU in ±1024)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x - 0.01
+
+
+def test_strength_blends_the_correction_with_the_input() -> None:
+    hu = np.full((1, 8, 8), 40.0, np.float32)
+    window = HUWindow(-1024, 1024)
+    full = Denoiser(_Shift(), window, device="cpu").denoise_hu(hu)
+    half = Denoiser(_Shift(), window, device="cpu", strength=0.5).denoise_hu(hu)
+    none = Denoiser(_Shift(), window, device="cpu", strength=0.0).denoise_hu(hu)
+    np.testing.assert_allclose(full, 40.0 - 10.24, atol=1e-3)
+    np.testing.assert_allclose(half, 40.0 - 5.12, atol=1e-3)
+    assert np.array_equal(none, hu)
+    den = Denoiser(_Shift(), window, device="cpu", strength=0.7, model_version="abc")
+    assert den.version_label == "abc strength 0.7"
+    assert Denoiser(_Shift(), window, device="cpu", model_version="abc").version_label == "abc"
+    with pytest.raises(ValueError, match="strength"):
+        Denoiser(_Shift(), window, device="cpu", strength=1.5)
+
+
+def test_the_package_face_exports_the_denoiser() -> None:
+    import unit_model
+
+    assert unit_model.Denoiser is Denoiser
+    assert {"Denoiser", "HUWindow", "GeneratorConfig", "UnitGenerator"} <= set(unit_model.__all__)

@@ -58,6 +58,18 @@ def test_derive_sets_provenance_and_keeps_geometry(tmp_path: Path) -> None:
     assert d.SeriesInstanceUID != src.SeriesInstanceUID and d.SOPInstanceUID != src.SOPInstanceUID
     assert d.SOPInstanceUID == derived_uid(src.SOPInstanceUID, "abc123def456", "instance")
     assert d.SeriesNumber == src.SeriesNumber + 1000
+    blended = derive(
+        src,
+        hu,
+        model_version="abc123def456 strength 0.7",
+        strength=0.7,
+        software_version="0.1.0",
+        series_number_offset=1000,
+        series_description_suffix=" (UNIT denoised)",
+    )
+    assert blended.SeriesDescription.endswith(" (UNIT denoised) [strength 0.7]")
+    assert blended.SOPInstanceUID != d.SOPInstanceUID
+    assert "strength 0.7" in blended.DerivationDescription
     assert d.SeriesDescription == "Low Dose Images (UNIT denoised)"
     assert list(d.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert d.DerivationCodeSequence[0].CodeValue == "113087"

@@ -38,7 +38,8 @@ class Denoiser:
     """Low-dose -> regular-dose translation of CT slices in Hounsfield units.
 
     ``denoise_hu`` takes float32 [N, H, W] HU of any H, W; slices are reflect-padded to a multiple
-    of 4, run in batches of ``batch_size`` and cropped back.
+    of 4, run in batches of ``batch_size`` and cropped back. ``strength`` (0-1) blends the result
+    with its input, ``input + strength * (model - input)``, as commercial CT denoisers offer.
     """
 
     def __init__(
@@ -52,7 +53,11 @@ class Denoiser:
         compile: bool = False,
         model_version: str = "untracked",
         metadata: dict[str, object] | None = None,
+        strength: float = 1.0,
     ) -> None:
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be between 0 and 1, not {strength}")
+        self.strength = strength
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
         self.window = window
@@ -72,6 +77,7 @@ class Denoiser:
         precision: str = "auto",
         batch_size: int = 8,
         compile: bool = False,
+        strength: float = 1.0,
     ) -> Denoiser:
         """Load a generator checkpoint (the shipped one when ``path`` is None).
 
@@ -88,7 +94,15 @@ class Denoiser:
             compile=compile,
             model_version=loaded.model_version,
             metadata=loaded.metadata,
+            strength=strength,
         )
+
+    @property
+    def version_label(self) -> str:
+        """``model_version``, with the strength when it is not 1: what derived data record."""
+        if self.strength == 1.0:
+            return self.model_version
+        return f"{self.model_version} strength {self.strength:g}"
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.dtype == torch.float32:
@@ -113,5 +127,7 @@ class Denoiser:
                 y = self.network(xp.contiguous(memory_format=torch.channels_last))
             y = y.float()[..., :h, :w]
             result = self.window.apply_correction(hu, x, y)
+            if self.strength != 1.0:
+                result = hu + self.strength * (result - hu)
             out[start : start + len(hu)] = result.squeeze(1).cpu().numpy()
         return out

@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pacs_node.demo import free_port as free_port  # noqa: E402 - re-exported
-from pacs_node.demo import wait_port  # noqa: E402
+from tests.ports import free_port as free_port  # noqa: E402 - re-exported
+from tests.ports import wait_port as wait_port  # noqa: E402 - re-exported
 
 # The benchmarks' DCMTK processes: without TCP_NODELAY they stall ~45 ms per C-STORE.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}

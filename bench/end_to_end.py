@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DCMTK_ENV, free_port, start_node, storescu_args
 
-from pacs_node.dicom_io import read_hu
+from pacs_node.work.dicom_io import read_hu
 from train.synth import simple_series
 from unit_model.denoiser import Denoiser
 

@@ -5,7 +5,7 @@
 DCMTK storescu sends 512² CT instances in one association to the node's Storage SCP running in
 this process; ``perf_counter`` hooks around the intake's pieces give medians per instance.
 ``--pynetdicom`` serves C-STORE through pynetdicom's own receive path (EVT_C_STORE) instead of
-pacs_node.stream; ``--no-op`` answers Success without storing anything, which leaves the
+pacs_node.receive.stream; ``--no-op`` answers Success without storing anything, which leaves the
 protocol, the sender and the header check (done while the data set arrives; on pynetdicom's
 path, once it has).
 """
@@ -27,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DCMTK_ENV, free_port, storescu_args
 
-from pacs_node import intake, queue, storage
+from pacs_node import storage
 from pacs_node.config import NodeConfig
-from pacs_node.scp import StorageSCP
+from pacs_node.jobs import JobStore
+from pacs_node.receive import incoming, intake, rules
+from pacs_node.receive.scp import StorageSCP
 from train.synth import simple_series
 
 spans: dict[str, list[float]] = defaultdict(list)
@@ -68,24 +70,24 @@ def main() -> None:
 
     transport.AssociationSocket.send = send_and_note  # type: ignore[method-assign]
     if args.no_op:
-        intake.Incoming.finish = lambda self: (self.abort(), 0)[1]  # type: ignore[method-assign]
-    timed(intake, "read_header", "while arriving: read the header")
-    timed(intake, "validate", "while arriving: checks")
-    timed(intake.Incoming, "finish", "answering: durable write + record")
+        incoming.Incoming.finish = lambda self: (self.abort(), 0)[1]  # type: ignore[method-assign]
+    timed(incoming, "read_header", "while arriving: read the header")
+    timed(incoming, "validate", "while arriving: checks")
+    timed(incoming.Incoming, "finish", "answering: durable write + record")
     timed(storage.Storage, "commit_temp", "  of answering: fsync, rename, folder fsync")
-    timed(queue.Queue, "record_instance", "  of answering: job-table transaction")
+    timed(JobStore, "record_instance", "  of answering: job-table transaction")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = simple_series(work / "series", n=args.images, size=512, seed=1, noise_sd=15)
         store = storage.Storage(work / "data", 0)
-        jobs = queue.Queue(f"sqlite:///{work / 'jobs.sqlite'}")
+        jobs = JobStore(f"sqlite:///{work / 'jobs.sqlite'}")
         jobs.migrate()
         node_intake = intake.Intake(store, jobs)
         scp = StorageSCP(
             NodeConfig(bind="127.0.0.1", port=free_port()),
             node_intake.handlers(),
-            intake.TRANSFER_SYNTAXES,
+            rules.TRANSFER_SYNTAXES,
             None if args.pynetdicom else node_intake,
         )
         scp.start()

@@ -122,9 +122,9 @@ def retry(
 ) -> None:
     """Requeue a failed job (attempts reset); a retry sends only what was not delivered."""
     cfg = load_config(config)
-    from pacs_node.queue import Queue
+    from pacs_node.jobs import JobStore
 
-    queue = Queue(cfg.queue.database_url)
+    queue = JobStore(cfg.queue.database_url)
     try:
         queue.migrate()
         problem = queue.retry(job)
@@ -146,7 +146,7 @@ def denoise(
     log.setup(cfg.logging.level, cfg.logging.format)
     if not in_dir.is_dir():
         raise _fail(f"{in_dir}: not a folder")
-    from pacs_node.worker import denoise_folder, load_denoiser
+    from pacs_node.work.series import denoise_folder, load_denoiser
     from unit_model.checkpoint import CheckpointError
 
     try:
@@ -199,9 +199,9 @@ def status(
 ) -> None:
     """Show the jobs: series, instance counts, state, attempts, last error."""
     cfg = load_config(config)
-    from pacs_node.queue import Queue
+    from pacs_node.jobs import JobStore
 
-    queue = Queue(cfg.queue.database_url)
+    queue = JobStore(cfg.queue.database_url)
     try:
         queue.migrate()
         rows = queue.list_jobs(limit=limit)
@@ -223,6 +223,7 @@ def status(
         "forwarded",
         "state",
         "attempts",
+        "model",
         "last error",
         box=None,
     )
@@ -235,6 +236,7 @@ def status(
             str(r.delivered),
             r.state + (" (flagged)" if r.flagged else ""),
             str(r.attempts),
+            r.model_version or "",
             (r.last_error or "")[:80],
         )
     Console(width=200).print(table if rows else "no jobs yet")

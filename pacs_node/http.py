@@ -18,11 +18,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from pacs_node.queue import JobState, Queue
+from pacs_node.jobs import JobState, JobStore
+from pacs_node.metrics import Metrics
 from pacs_node.storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -30,61 +31,14 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-class Metrics:
-    """The node's Prometheus metrics, in a registry of its own."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.associations = Counter(
-            "pacs_node_associations", "Associations by outcome", ["outcome"], registry=r
-        )
-        self.received = Counter("pacs_node_instances_received", "Instances stored", registry=r)
-        self.rejected = Counter(
-            "pacs_node_instances_rejected", "Instances refused, by reason", ["reason"], registry=r
-        )
-        self.denoise_seconds = Histogram(
-            "pacs_node_denoise_seconds",
-            "Seconds per denoised chunk of slices",
-            registry=r,
-            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
-        )
-        self.slices = Counter("pacs_node_denoised_slices", "Slices denoised", registry=r)
-        self.slices_per_second = Gauge(
-            "pacs_node_denoise_slices_per_second", "Throughput of the last chunk", registry=r
-        )
-        self.forward_failures = Counter(
-            "pacs_node_forward_failures", "Failed forwarding attempts", registry=r
-        )
-        self.delivered = Counter("pacs_node_instances_delivered", "Instances delivered", registry=r)
-        self.last_delivery = Gauge(
-            "pacs_node_last_delivery_timestamp_seconds",
-            "Unix time of the last delivery",
-            registry=r,
-        )
-
-        self.last_delivery_at: float | None = None
-
-    def observe_delivery(self) -> None:
-        self.delivered.inc()
-        self.last_delivery_at = time.time()
-        self.last_delivery.set(self.last_delivery_at)
-
-    def observe_denoise(self, seconds: float, slices: int) -> None:
-        self.denoise_seconds.observe(seconds)
-        self.slices.inc(slices)
-        if seconds > 0:
-            self.slices_per_second.set(slices / seconds)
-
-
 class _QueueCollector(Collector):
-    def __init__(self, queue: Queue) -> None:
-        self.queue = queue
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
 
     def collect(self):
         depth = GaugeMetricFamily("pacs_node_queue_jobs", "Jobs by state", labels=["state"])
         try:
-            counts = self.queue.count_by_state()
+            counts = self.jobs.count_by_state()
         except Exception:
             counts = {}
         for state in JobState:
@@ -105,11 +59,11 @@ class _QueueCollector(Collector):
 
 
 def health(
-    queue: Queue, storage: Storage, model_loaded: bool | None, metrics: Metrics
+    jobs: JobStore, storage: Storage, model_loaded: bool | None, metrics: Metrics
 ) -> tuple[bool, dict[str, Any]]:
     checks: dict[str, Any] = {}
     try:
-        queue.ping()
+        jobs.ping()
         checks["database"] = "ok"
     except Exception as err:
         checks["database"] = f"unreachable: {type(err).__name__}"
@@ -139,9 +93,9 @@ def health(
     return ok, checks
 
 
-def _status_page(queue: Queue) -> str:
+def _status_page(jobs: JobStore) -> str:
     rows = []
-    for j in queue.list_jobs(limit=100):
+    for j in jobs.list_jobs(limit=100):
         q = j.quality or {}
         figures = (
             f"bias {q['hu_bias']:+.1f} HU<br>noise {q['noise_in']:.1f} → {q['noise_out']:.1f} HU"
@@ -172,14 +126,14 @@ class HttpServer:
         self,
         bind: str,
         port: int,
-        queue: Queue,
+        jobs: JobStore,
         storage: Storage,
         metrics: Metrics,
         model_loaded: bool | None,
     ) -> None:
-        self.queue, self.storage, self.metrics = queue, storage, metrics
+        self.jobs, self.storage, self.metrics = jobs, storage, metrics
         self.model_loaded = model_loaded
-        metrics.registry.register(_QueueCollector(queue))
+        metrics.registry.register(_QueueCollector(jobs))
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -199,7 +153,7 @@ class HttpServer:
                     self._send(200, generate_latest(outer.metrics.registry), CONTENT_TYPE)
                 elif path == "/healthz":
                     ok, checks = health(
-                        outer.queue, outer.storage, outer.model_loaded, outer.metrics
+                        outer.jobs, outer.storage, outer.model_loaded, outer.metrics
                     )
                     self._send(
                         200 if ok else 503,
@@ -207,7 +161,7 @@ class HttpServer:
                         "application/json",
                     )
                 elif path in ("/", "/index.html"):
-                    self._send(200, _status_page(outer.queue).encode(), "text/html; charset=utf-8")
+                    self._send(200, _status_page(outer.jobs).encode(), "text/html; charset=utf-8")
                 elif m := re.fullmatch(r"/thumbs/(\d+)\.png", path):
                     thumb = outer.storage.thumb_path(int(m.group(1)))
                     if thumb.is_file():

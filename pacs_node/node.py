@@ -9,22 +9,25 @@ import pydicom
 
 from pacs_node.config import Config
 from pacs_node.errors import PermanentError
-from pacs_node.http import HttpServer, Metrics
-from pacs_node.intake import TRANSFER_SYNTAXES, Intake
-from pacs_node.queue import Queue
-from pacs_node.scp import StorageSCP
+from pacs_node.http import HttpServer
+from pacs_node.jobs import JobStore
+from pacs_node.metrics import Metrics
+from pacs_node.receive.intake import Intake
+from pacs_node.receive.rules import TRANSFER_SYNTAXES
+from pacs_node.receive.scp import StorageSCP
 from pacs_node.storage import Storage, valid_uid
-from pacs_node.worker import Worker, load_denoiser
+from pacs_node.work.loop import Worker
+from pacs_node.work.series import load_denoiser
 from unit_model.checkpoint import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 
-def recover(storage: Storage, queue: Queue) -> int:
+def recover(storage: Storage, jobs: JobStore) -> int:
     """After a crash: drop partial writes, and record files that were renamed into place but not
     yet recorded (their sender got no Success and will resend; recording them loses nothing)."""
     storage.clean_tmp()
-    known = queue.known_paths()
+    known = jobs.known_paths()
     n = 0
     for path in storage.received_dir.glob("*/*.dcm"):
         if str(path) in known:
@@ -45,7 +48,7 @@ def recover(storage: Storage, queue: Queue) -> int:
         ):
             logger.warning("recovery: %s does not match its UIDs, left alone", path)
             continue
-        queue.record_instance(sop_uid=sop, series_uid=series, study_uid=study, path=str(path))
+        jobs.record_instance(sop_uid=sop, series_uid=series, study_uid=study, path=str(path))
         n += 1
     if n:
         logger.info("recovery: recorded %d instances found on disk", n)
@@ -58,9 +61,9 @@ class Node:
     def __init__(self, config: Config, receive: bool = True, workers: int | None = None) -> None:
         self.config = config
         self.storage = Storage(config.storage.data_dir, config.storage.min_free_bytes)
-        self.queue = Queue(config.queue.database_url)
+        self.jobs = JobStore(config.queue.database_url)
         self.metrics = Metrics()
-        self.intake = Intake(self.storage, self.queue, self.metrics)
+        self.intake = Intake(self.storage, self.jobs, self.metrics)
         self.scp = (
             StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake)
             if receive
@@ -87,24 +90,24 @@ class Node:
                 denoiser.device,
                 str(denoiser.dtype).removeprefix("torch."),
             )
-        self.queue.migrate()
+        self.jobs.migrate()
         if self.config.http.enabled:
             h = self.config.http
             self.http = HttpServer(
                 h.bind,
                 h.port,
-                self.queue,
+                self.jobs,
                 self.storage,
                 self.metrics,
                 model_loaded=None if not self.n_workers else denoiser is not None,
             )
             self.http.start()
         if self.scp is not None:
-            recover(self.storage, self.queue)
+            recover(self.storage, self.jobs)
             self.scp.start()
         for n in range(self.n_workers):
             assert denoiser is not None
-            w = Worker(self.config, self.queue, self.storage, denoiser, metrics=self.metrics)
+            w = Worker(self.config, self.jobs, self.storage, denoiser, metrics=self.metrics)
             w.name = f"{w.name}/{n}"
             t = threading.Thread(target=w.run, args=(self._stop,), name=f"worker-{n}", daemon=True)
             t.start()
@@ -119,4 +122,4 @@ class Node:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=30)
-        self.queue.dispose()
+        self.jobs.dispose()

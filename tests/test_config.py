@@ -21,8 +21,14 @@ def check_config(path: Path) -> subprocess.CompletedProcess[str]:
 def test_shipped_config_is_valid_and_matches_embedded_defaults() -> None:
     shipped = config.load(ROOT / "config.toml")
     embedded = config.Config()
-    for section in ("node", "queue", "destination", "output", "logging"):
-        assert getattr(shipped, section) == getattr(embedded, section) or section == "queue"
+    for section in ("node", "model", "destination", "output", "worker", "quality", "http"):
+        assert getattr(shipped, section) == getattr(embedded, section), section
+    assert shipped.logging == embedded.logging
+    # the two paths differ only by being resolved against the file's folder
+    same_url = {"database_url": embedded.queue.database_url}
+    assert shipped.queue.model_copy(update=same_url) == embedded.queue
+    same_dir = {"data_dir": embedded.storage.data_dir}
+    assert shipped.storage.model_copy(update=same_dir) == embedded.storage
     assert shipped.node.port == 11112
     assert shipped.node.ae_title == "LDCT_DENOISE"
     assert shipped.storage.data_dir == ROOT / "var"

@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pacs_node.dicom_io import read_hu
-from pacs_node.quality import measure
+from pacs_node.work.dicom_io import read_hu
+from pacs_node.work.quality import measure
 from tests.conftest import BIN, require_tool, wait_for
 from tests.peers import Orthanc
 from train import synth

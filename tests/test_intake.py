@@ -13,7 +13,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs_node.intake import TRANSFER_SYNTAXES, part10_header
+from pacs_node.receive.filemeta import part10_header
+from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from tests.conftest import (
     PATIENT_ID,
     PATIENT_NAME,
@@ -405,22 +406,46 @@ def test_echo_still_works_with_storage(node_factory) -> None:
     time.sleep(0)
 
 
-def test_event_driven_waits_install_on_the_pinned_pynetdicom(
-    monkeypatch: pytest.MonkeyPatch,
+def test_the_pynetdicom_patches_install_only_where_every_name_they_touch_is_there(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     import pynetdicom
     from pynetdicom import association, dul
 
-    from pacs_node import scp_fast
+    from pacs_node import pynetdicom_compat as compat
 
-    assert scp_fast.install() and scp_fast.installed()
-    assert isinstance(dul.time, scp_fast._TimeShim) and isinstance(
-        association.time, scp_fast._TimeShim
-    )
-    # another release line: left alone
-    monkeypatch.setattr(scp_fast, "_installed", False)
-    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
-    assert scp_fast.install() is False
+    assert compat.problems() == [] and compat.install() and compat.installed()
+    assert isinstance(dul.time, compat._TimeShim) and isinstance(association.time, compat._TimeShim)
+    compat.uninstall()
+    try:
+        import time as time_module
+
+        assert (
+            not compat.installed() and dul.time is time_module and association.time is time_module
+        )
+        assert dul.DULServiceProvider._read_pdu_data.__name__ == "_read_pdu_data"
+        assert "pacs_node" not in dul.DULServiceProvider._read_pdu_data.__module__
+        # another release: nothing patched, one warning line naming why
+        monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+        with caplog.at_level("WARNING"):
+            assert compat.install() is False
+        assert not compat.installed() and dul.time is time_module
+        assert [r.message for r in caplog.records if "patches not installed" in r.message] == [
+            caplog.records[-1].message
+        ]
+        assert "3.1.0" in caplog.records[-1].message
+        monkeypatch.undo()
+        # a private name gone: the same
+        monkeypatch.setattr(compat, "PRIVATE", {**compat.PRIVATE, "Association": ("_gone",)})
+        assert compat.problems() == ["missing Association._gone"]
+        assert compat.install() is False and not compat.installed()
+        monkeypatch.undo()
+        # switched off on purpose
+        monkeypatch.setenv(compat.ENV_SWITCH, "off")
+        assert compat.install() is False
+        monkeypatch.undo()
+    finally:
+        assert compat.install()
 
 
 def test_a_sender_on_an_association_does_not_wait_out_the_reactors_nap(
@@ -430,11 +455,12 @@ def test_a_sender_on_an_association_does_not_wait_out_the_reactors_nap(
     wake it, not wait for its bounded wait to time out (it did: 48 ms per forwarded instance)."""
     from pynetdicom import AE, evt
 
-    from pacs_node import scp_fast
+    from pacs_node import pynetdicom_compat as compat
     from tests.conftest import free_port
 
-    assert scp_fast.install()
-    monkeypatch.setattr(scp_fast, "BOUND", 5.0)  # a missed wake-up now costs 5 s per request
+    if not compat.install():
+        pytest.skip("the pynetdicom patches are off")
+    monkeypatch.setattr(compat, "BOUND", 5.0)  # a missed wake-up now costs 5 s per request
     scp = AE("DEST")
     scp.add_supported_context("1.2.840.10008.1.1")
     port = free_port()

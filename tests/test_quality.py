@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pacs_node.quality import QualityFigures, judge, measure
+from pacs_node.work.quality import QualityFigures, judge, measure
 from train import synth
 from train.data import pairs, read_series, split_by_dose
 

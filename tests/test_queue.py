@@ -5,13 +5,15 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from pacs_node.queue import InstanceState, JobState, LostClaim, Queue, metadata
+from pacs_node.jobs import TRANSITIONS, InstanceState, JobState, JobStore, LostClaim
+from pacs_node.jobs.schema import metadata
 
 
-def _queue(url: str) -> Queue:
-    q = Queue(url)
+def _queue(url: str) -> JobStore:
+    q = JobStore(url)
     q.migrate()
     return q
 
@@ -34,7 +36,7 @@ def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 60000
 
 
-def test_quiet_series_become_ready(database_url: str) -> None:
+def test_quiet_series_are_claimed_and_late_instances_join_the_open_job(database_url: str) -> None:
     q = _queue(database_url)
     job = q.record_instance(
         sop_uid="1.2.3.1", series_uid="1.2.3", study_uid="1.2", path="a", now=100
@@ -43,9 +45,12 @@ def test_quiet_series_become_ready(database_url: str) -> None:
         q.record_instance(sop_uid="1.2.3.2", series_uid="1.2.3", study_uid="1.2", path="b", now=105)
         == job
     )
-    assert q.promote_quiet(10, now=114) == 0
-    assert q.promote_quiet(10, now=115) == 1
-    assert q.list_jobs()[0].state == JobState.READY
+    assert q.claim("w", quiet_seconds=10, now=114) is None  # not quiet yet
+    claim = q.claim("w", quiet_seconds=10, now=115)
+    assert claim is not None and claim.job_id == job
+    assert q.list_jobs()[0].state == JobState.RUNNING
+    q.release(claim)  # shutting down: back to ready, attempt not counted
+    assert (q.list_jobs()[0].state, q.list_jobs()[0].attempts) == (JobState.READY, 0)
     # a late instance sends it back to receiving, same job
     assert (
         q.record_instance(sop_uid="1.2.3.3", series_uid="1.2.3", study_uid="1.2", path="c", now=120)
@@ -55,6 +60,37 @@ def test_quiet_series_become_ready(database_url: str) -> None:
     assert row.state == JobState.RECEIVING and row.received == 3
     with q.engine.begin() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM jobs")).scalar() == 1
+
+
+@pytest.mark.parametrize("start", list(JobState))
+def test_every_state_change_follows_the_map(tmp_path: Path, start: JobState) -> None:
+    """From each state, the store's own statements move a job to exactly the states the map
+    allows, and match no row for any other."""
+    from pacs_node.jobs import queries
+    from pacs_node.jobs.schema import HELD, InvalidTransition
+
+    q = _queue(f"sqlite:///{tmp_path}/map.sqlite")
+    q.record_instance(sop_uid="1.9.1.1", series_uid="1.9.1", study_uid="1.9", path="a", now=0)
+    for to in JobState:
+        with q.engine.begin() as conn:
+            conn.execute(
+                sa.text("UPDATE jobs SET state = :s, worker = 'w', next_attempt_at = 0"),
+                {"s": start.value},
+            )
+            try:
+                if start in HELD:
+                    stmt = queries.held(1, "w", to)
+                else:
+                    stmt = sa.update(queries.jobs).where(queries.move(to)).values(state=to.value)
+            except InvalidTransition:
+                assert to not in TRANSITIONS[start] or start in HELD
+                continue
+            moved = conn.execute(stmt).rowcount
+        assert bool(moved) == (to in TRANSITIONS[start]), (start, to)
+    # and the map itself: finished jobs never reopen except by retry; nothing reaches receiving
+    # but a ready job getting a new instance
+    assert TRANSITIONS[JobState.DONE] == frozenset()
+    assert [s for s, t in TRANSITIONS.items() if JobState.RECEIVING in t] == [JobState.READY]
 
 
 def test_concurrent_first_instances_open_one_job(database_url: str) -> None:
@@ -120,7 +156,7 @@ def test_reaper_requeues_stale_work_and_the_old_worker_loses_its_claim(database_
     except LostClaim:
         pass
     q.mark_denoised(new, [(1, "2.25.1", "d")], "v1")
-    q.set_state(new, JobState.FORWARDING)
+    q.start_forwarding(new)
     q.mark_delivered(new, [1])
     assert q.finish(new) == JobState.DONE
     row = q.list_jobs()[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs_node.jobs import JobStore
 from tests.conftest import make_series, wait_for
 from tests.peers import RecordingSCP
 from tests.test_worker import MECHANICS, node_config, tiny_checkpoint  # noqa: F401 - fixture
@@ -100,9 +101,16 @@ def test_killed_worker_job_finished_by_another(
         first = node_factory(cfg, verb="worker", data_dir=data, workers=1).start(wait=False)
         files = make_series(tmp_path / "s", n=120, size=256, seed=7, noise_sd=5)
         assert receiver.storescu(*map(str, files)).returncode == 0
-        wait_for(lambda: receiver.status()[0]["denoised"] >= 16, 300, "denoising under way")
-        first.kill()
-        assert receiver.status()[0]["state"] == "running"
+        # Read the job table directly: `pacs-node status` takes about a second to start, long
+        # enough for the small job to finish before the kill.
+        table = JobStore(url)
+        try:
+            wait_for(lambda: table.list_jobs()[0].denoised >= 16, 300, "denoising under way")
+            first.kill()
+            job = table.list_jobs()[0]
+        finally:
+            table.dispose()
+        assert job.state == "running" and job.denoised < 120, job
         second = node_factory(cfg, verb="worker", data_dir=data, workers=1).start(wait=False)
         wait_for(
             lambda: receiver.status()[0]["state"] == "done", 600, "the second worker to finish"

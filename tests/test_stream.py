@@ -1,4 +1,4 @@
-"""The streamed C-STORE path (pacs_node.stream) against pynetdicom's own, in one process."""
+"""The streamed C-STORE path (pacs_node.receive.stream) against pynetdicom's own, in one process."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
 
-from pacs_node import stream
 from pacs_node.config import NodeConfig
-from pacs_node.intake import TRANSFER_SYNTAXES, Intake
-from pacs_node.queue import Queue
-from pacs_node.scp import StorageSCP
+from pacs_node.jobs import JobStore
+from pacs_node.receive import stream
+from pacs_node.receive.intake import Intake
+from pacs_node.receive.rules import TRANSFER_SYNTAXES
+from pacs_node.receive.scp import StorageSCP
 from pacs_node.storage import Storage
 from tests.conftest import free_port, make_series, require_tool, run_tool, wait_for
 
@@ -40,7 +41,7 @@ class CountingIntake(Intake):
 class InProcessNode:
     def __init__(self, root: Path, streamed: bool = True, max_pdu: int = 0) -> None:
         self.storage = Storage(root / "data")
-        self.queue = Queue(f"sqlite:///{root / 'jobs.sqlite'}")
+        self.queue = JobStore(f"sqlite:///{root / 'jobs.sqlite'}")
         self.queue.migrate()
         self.intake = CountingIntake(self.storage, self.queue)
         config = NodeConfig(bind="127.0.0.1", port=free_port(), max_pdu_size=max_pdu)
@@ -192,7 +193,7 @@ def test_header_is_read_from_the_first_bytes_only_once_they_reach_the_pixel_data
 
     from pydicom.uid import UID
 
-    from pacs_node.intake import read_header
+    from pacs_node.receive.header import read_header
 
     ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=32, seed=7)[0])
     icon = Dataset()  # a nested Pixel Data ahead of the top-level one
@@ -219,10 +220,10 @@ def test_header_is_read_from_the_first_bytes_only_once_they_reach_the_pixel_data
 def test_an_instance_is_judged_while_it_arrives_whatever_the_fragment_size(
     tmp_path: Path, fragment: int
 ) -> None:
-    from pacs_node.intake import part10_header
+    from pacs_node.receive.filemeta import part10_header
 
     storage = Storage(tmp_path / "data")
-    jobs = Queue(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+    jobs = JobStore(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
     jobs.migrate()
     try:
         ds = pydicom.dcmread(make_series(tmp_path / "s", n=1, size=64, seed=8)[0])

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pacs_node.dicom_io import derive, derived_uid, read_hu
+from pacs_node.work.dicom_io import derive, derived_uid, read_hu
 from tests.conftest import BIN, NodeProcess, make_series, wait_for
 from tests.peers import RecordingSCP
 from unit_model import checkpoint as ckpt
@@ -237,9 +237,8 @@ def test_keep_days_keeps_files_until_the_sweep_finds_them_old(
     import sqlite3
 
     from pacs_node.config import load
-    from pacs_node.queue import Queue
+    from pacs_node.jobs import JobStore
     from pacs_node.storage import Storage
-    from pacs_node.worker import Worker
 
     dest = RecordingSCP().start()
     try:
@@ -258,14 +257,13 @@ def test_keep_days_keeps_files_until_the_sweep_finds_them_old(
         received = list((node.tmp / "var" / "received").glob("*/*.dcm"))
         assert len(received) == 3 and len(list((node.tmp / "var" / "derived").glob("*/*.dcm"))) == 3
         cfg = load(node.config)
-        queue, storage = Queue(cfg.queue.database_url), Storage(cfg.storage.data_dir)
-        worker = Worker(cfg, queue, storage, denoiser=None)  # type: ignore[arg-type]
-        assert worker.sweep() == 0  # delivered just now: kept
+        jobs, storage = JobStore(cfg.queue.database_url), Storage(cfg.storage.data_dir)
+        assert jobs.sweep(storage, cfg.storage.keep_days) == 0  # delivered just now: kept
         with sqlite3.connect(node.tmp / "var" / "jobs.sqlite") as con:
             con.execute("UPDATE jobs SET updated_at = updated_at - 2 * 86400")
-        assert worker.sweep() == 3
+        assert jobs.sweep(storage, cfg.storage.keep_days) == 3
         assert list((node.tmp / "var" / "received").glob("*/*.dcm")) == []
         assert list((node.tmp / "var" / "derived").glob("*/*.dcm")) == []
-        assert worker.sweep() == 0
+        assert jobs.sweep(storage, cfg.storage.keep_days) == 0
     finally:
         dest.stop()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydicom.errors import InvalidDicomError
 
-from pacs_node.dicom_io import read_hu
+from pacs_node.work.dicom_io import read_hu
 from unit_model.transforms import HUWindow
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from skimage.restoration import denoise_nl_means
 
-from pacs_node.images import save_grid
-from pacs_node.quality import RegionTally, find_uniform_regions
+from pacs_node.work.images import save_grid
+from pacs_node.work.quality import RegionTally, find_uniform_regions
 from train.data import Series
 
 logger = logging.getLogger(__name__)

@@ -50,8 +50,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from skimage.transform import iradon, radon, resize
 
-from pacs_node import dicom_io
 from pacs_node.storage import valid_uid
+from pacs_node.work import dicom_io
 
 logger = logging.getLogger(__name__)
 

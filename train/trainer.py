@@ -357,7 +357,7 @@ class Trainer:
 
     def preview(self, ld: Tensor, hd: Tensor, path: Path) -> None:
         """The reference's 2 x 2 figure: LD, LD->HD / HD, HD->LD, in a C40/W400 window."""
-        from pacs_node.images import save_grid
+        from pacs_node.work.images import save_grid
 
         gen = self.shipped
         gen.eval()

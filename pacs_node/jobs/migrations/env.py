@@ -1,8 +1,8 @@
-"""Alembic environment: runs on the connection that pacs_node.queue.Queue.migrate() passes in."""
+"""Alembic environment: runs on the connection that ``Database.migrate()`` passes in."""
 
 from alembic import context
 
-from pacs_node.queue import metadata
+from pacs_node.jobs.schema import metadata
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)

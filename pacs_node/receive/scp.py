@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import socket
 import ssl
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_node import scp_fast, stream
+from pacs_node import pynetdicom_compat as compat
 from pacs_node.config import NodeConfig
+from pacs_node.receive import stream
 from pacs_node.status import Status
 
 if TYPE_CHECKING:
-    from pacs_node.intake import Intake
+    from pacs_node.receive.intake import Intake
 
 logger = logging.getLogger(__name__)
 
@@ -25,15 +24,6 @@ VERIFICATION = "1.2.840.10008.1.1"
 
 def handle_echo(event: evt.Event) -> int:
     return Status.SUCCESS
-
-
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: TCP_NODELAY on the association's socket (pynetdicom never sets it;
-    without it a sender waits ~40 ms for a delayed ACK per C-STORE)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def handle_rejected(event: evt.Event, node: NodeConfig) -> None:
@@ -81,7 +71,7 @@ class StorageSCP:
         stream_to: Intake | None = None,
     ) -> None:
         self.config = node
-        scp_fast.install()
+        compat.install()
         self.ae = AE(ae_title=node.ae_title)
         # C-STORE data sets straight to the intake's files as they arrive; where that cannot be
         # installed, the intake's EVT_C_STORE handler (in ``handlers``) serves instead.
@@ -102,7 +92,7 @@ class StorageSCP:
                 self.ae.add_supported_context(str(cx.abstract_syntax), storage_syntaxes)
         self._handlers = [
             (evt.EVT_C_ECHO, handle_echo),
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, compat.set_nodelay),
             (evt.EVT_REJECTED, handle_rejected, [node]),
             *(handlers or []),
         ]

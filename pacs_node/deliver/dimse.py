@@ -14,11 +14,10 @@ from pathlib import Path
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from pacs_node import scp_fast
+from pacs_node import pynetdicom_compat as compat
 from pacs_node.config import DestinationConfig
 from pacs_node.errors import RetryableError
-from pacs_node.scp import set_nodelay
-from pacs_node.status import category
+from pacs_node.status import category, describe
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +25,7 @@ logger = logging.getLogger(__name__)
 class Forwarder:
     def __init__(self, dest: DestinationConfig) -> None:
         self.dest = dest
-        scp_fast.install()
+        compat.install()
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.dest.calling_ae_title)
@@ -42,7 +41,7 @@ class Forwarder:
             self.dest.host,
             self.dest.port,
             ae_title=self.dest.ae_title,
-            evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+            evt_handlers=[(evt.EVT_CONN_OPEN, compat.set_nodelay)],
         )
         if not assoc.is_established:
             return False
@@ -62,7 +61,10 @@ class Forwarder:
             return 0
         d = self.dest
         assoc = self._ae().associate(
-            d.host, d.port, ae_title=d.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)]
+            d.host,
+            d.port,
+            ae_title=d.ae_title,
+            evt_handlers=[(evt.EVT_CONN_OPEN, compat.set_nodelay)],
         )
         if not assoc.is_established:
             why = (
@@ -85,13 +87,16 @@ class Forwarder:
                 kind = category(code)
                 if kind == "Warning":
                     logger.warning(
-                        "destination %s accepted %s with warning 0x%04X",
+                        "destination %s accepted %s with warning 0x%04X (%s)",
                         d.ae_title,
                         path.name,
                         code,
+                        describe(code),
                     )
                 elif kind != "Success":
-                    raise RetryableError(f"destination {d.ae_title} answered 0x{code:04X} ({kind})")
+                    raise RetryableError(
+                        f"destination {d.ae_title} answered 0x{code:04X} ({kind}: {describe(code)})"
+                    )
                 delivered(instance_id, code)
                 sent += 1
         finally:

@@ -16,23 +16,22 @@ P-DATA-TF PDU whole, into one buffer, and routes the fragments itself:
 
 Other PDUs and other states take pynetdicom's path unchanged. pynetdicom's per-PDU and DIMSE
 events (EVT_DATA_RECV, EVT_PDU_RECV, EVT_DIMSE_RECV, EVT_C_STORE) are not triggered for
-streamed requests. Like :mod:`pacs_node.scp_fast` this reaches into pynetdicom internals, so it
-is installed only on the 3.0 line; elsewhere the intake's EVT_C_STORE handler serves.
+streamed requests. The hook that brings the PDUs here, and every pynetdicom internal this uses,
+are in :mod:`pacs_node.pynetdicom_compat`; where it is not installed, the intake's EVT_C_STORE
+handler serves.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-import weakref
-from collections.abc import Callable, Iterator
-from io import BytesIO
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from pacs_node import scp_fast
+from pacs_node import pynetdicom_compat as compat
 
 if TYPE_CHECKING:
-    from pacs_node.intake import Incoming, Intake
+    from pacs_node.receive.intake import Incoming, Intake
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +39,6 @@ P_DATA_TF = 0x04
 COMMAND, LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 NO_DATA_SET = 0x0101
-READ_SLICE = 1 << 22  # a PDU's buffer grows by at most this much ahead of its bytes arriving
-
-_intakes: weakref.WeakKeyDictionary[Any, Intake] = weakref.WeakKeyDictionary()
-_installed = False
 
 
 # -- C-STORE-RSP -------------------------------------------------------------------------------
@@ -83,11 +78,12 @@ def command_pdus(context_id: int, command: bytes, max_pdu: int) -> Iterator[byte
 
 
 # -- one association -----------------------------------------------------------------------------
-class _Stream:
-    """Routes one association's P-DATA fragments. Runs on that association's DUL thread only."""
+class Stream:
+    """Routes one association's P-DATA fragments (a :class:`pacs_node.pynetdicom_compat.Router`).
+    Runs on that association's DUL thread only."""
 
-    def __init__(self, dul: Any, intake: Intake) -> None:
-        self.dul, self.assoc, self.intake = dul, dul.assoc, intake
+    def __init__(self, assoc: Any, intake: Intake) -> None:
+        self.assoc, self.intake = assoc, intake
         self.command: list[tuple[int, int, bytes]] = []
         self.incoming: Incoming | None = None
         self.context_id = 0
@@ -113,7 +109,7 @@ class _Stream:
             if mch & LAST:
                 self._answer()
         elif self.data_to_pynetdicom or not mch & COMMAND:
-            self._hand_over(context_id, mch, data)
+            compat.hand_to_dimse(self.assoc, context_id, mch, data)
             if not mch & COMMAND and mch & LAST:
                 self.data_to_pynetdicom = False
         else:
@@ -122,28 +118,23 @@ class _Stream:
                 self._command_complete()
 
     def _command_complete(self) -> None:
-        from pynetdicom.dsutils import decode
-
         fragments, self.command = self.command, []
         context_id = fragments[-1][0]
         try:
-            cmd = decode(BytesIO(b"".join(f[2] for f in fragments)), True, True)
+            cmd = compat.decode_command(b"".join(f[2] for f in fragments))
             field, has_data = cmd.CommandField, cmd.CommandDataSetType != NO_DATA_SET
         except Exception:  # pynetdicom's assembler meets the same bytes and aborts
             cmd, field, has_data = None, None, False
-        context = self.assoc._accepted_cx.get(context_id)
+        context = compat.accepted_context(self.assoc, context_id)
         if cmd is not None and field == C_STORE_RQ and has_data and context is not None:
             self.context_id = context_id
             sop_class = str(cmd.get("AffectedSOPClassUID", ""))
             sop_instance = str(cmd.get("AffectedSOPInstanceUID", ""))
             self.request = (sop_class, sop_instance, int(cmd.get("MessageID", 0)))
-            self.incoming = self.intake.incoming(
-                self.assoc, str(context.abstract_syntax), str(context.transfer_syntax[0]),
-                sop_instance,
-            )  # fmt: skip
+            self.incoming = self.intake.incoming(self.assoc, *context, sop_instance)
             return
         for fragment in fragments:
-            self._hand_over(*fragment)
+            compat.hand_to_dimse(self.assoc, *fragment)
         self.data_to_pynetdicom = has_data
 
     def _answer(self) -> None:
@@ -157,17 +148,7 @@ class _Stream:
         command = store_rsp(*self.request, status)
         max_pdu = self.assoc.requestor.maximum_length or 0
         for pdu in command_pdus(self.context_id, command, max_pdu):
-            self.dul.socket.send(pdu)
-
-    def _hand_over(self, context_id: int, mch: int, data: bytes | memoryview) -> None:
-        """Give a fragment to pynetdicom's DIMSE assembler, as its DT-2 action would."""
-        from pynetdicom.pdu_primitives import P_DATA
-
-        primitive = P_DATA()
-        # pynetdicom's setter wants [ID, PDV] lists; its annotation says tuples
-        pdv: Any = [context_id, bytes((mch,)) + bytes(data)]
-        primitive.presentation_data_value_list = [pdv]
-        self.assoc.dimse.receive_primitive(primitive)
+            compat.send_raw(self.assoc, pdu)
 
     def close(self) -> None:
         """The association ended: a data set still arriving is dropped with its temporary file."""
@@ -176,115 +157,7 @@ class _Stream:
             self.incoming = None
 
 
-# -- the DUL hooks -------------------------------------------------------------------------------
-def _recv(sock: Any, n: int) -> bytearray | None:
-    """Exactly ``n`` bytes, or None if the peer closed first."""
-    buf = bytearray()
-    while len(buf) < n:
-        part = bytearray(min(n - len(buf), READ_SLICE))
-        view, got = memoryview(part), 0
-        while got < len(part):
-            k = sock.recv_into(view[got:], len(part) - got)
-            if not k:
-                return None
-            got += k
-        if not buf and len(part) == n:
-            return part
-        buf += part
-    return buf
-
-
-def _stream_for(dul: Any) -> _Stream | None:
-    try:
-        return cast("_Stream | None", dul.__dict__["_ldct_stream"])
-    except KeyError:
-        assoc = dul.assoc
-        intake = _intakes.get(assoc.ae) if assoc.is_acceptor else None
-        stream = _Stream(dul, intake) if intake is not None else None
-        dul._ldct_stream = stream
-        return stream
-
-
-def _patched_read(original: Callable[[Any], None]) -> Callable[[Any], None]:
-    from pynetdicom.dul import LOGGER as DUL_LOGGER
-
-    def _read_pdu_data(dul: Any) -> None:
-        stream = _stream_for(dul)
-        if stream is None or dul.state_machine.current_state != "Sta6":
-            original(dul)
-            return
-        sock = dul.socket.socket
-        try:
-            head = _recv(sock, 6)
-            if head is None:
-                dul.event_queue.put("Evt17")  # transport connection closed
-                return
-            pdu_type, _, length = struct.unpack(">BBL", head)
-            if not 0x01 <= pdu_type <= 0x07:
-                DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
-                dul.event_queue.put("Evt19")  # unrecognised PDU
-                return
-            body = _recv(sock, length)
-        except (OSError, TimeoutError) as exc:
-            DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            DUL_LOGGER.exception(exc)
-            dul.event_queue.put("Evt17")
-            return
-        if body is None:
-            DUL_LOGGER.error("Connection closed before the entire PDU was received")
-            dul.event_queue.put("Evt17")
-            return
-        if pdu_type == P_DATA_TF:
-            stream.pdu(body)  # an exception here aborts the association (DUL.run_reactor)
-            return
-        try:  # any other PDU: as pynetdicom's own _read_pdu_data ends
-            pdu, event = dul._decode_pdu(head + body)
-        except Exception as exc:
-            DUL_LOGGER.error("Unable to decode the received PDU data")
-            DUL_LOGGER.exception(exc)
-            dul.event_queue.put("Evt19")
-            return
-        dul.event_queue.put(event)
-        dul._recv_pdu.put(pdu)
-
-    return _read_pdu_data
-
-
-def _patched_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
-    def run_reactor(dul: Any) -> None:
-        try:
-            original(dul)
-        finally:
-            stream = dul.__dict__.get("_ldct_stream")
-            if stream is not None:
-                stream.close()
-
-    return run_reactor
-
-
-def install() -> bool:
-    """Install the DUL hooks once; return whether they are active."""
-    global _installed
-    if _installed:
-        return True
-    if not scp_fast.supported():
-        return False
-    from pynetdicom import dul
-
-    provider = dul.DULServiceProvider
-    if not all(hasattr(provider, name) for name in ("_read_pdu_data", "_decode_pdu")):
-        logger.warning("pynetdicom's DUL internals differ; C-STORE takes pynetdicom's path")
-        return False
-    provider._read_pdu_data = _patched_read(provider._read_pdu_data)  # type: ignore[method-assign,assignment]
-    provider.run_reactor = _patched_run(provider.run_reactor)  # type: ignore[method-assign,assignment]
-    _installed = True
-    return True
-
-
 def attach(ae: Any, intake: Intake) -> bool:
     """Stream the C-STORE requests of associations accepted by ``ae`` into ``intake``. False
-    where pynetdicom is not the release line this was written for."""
-    if not install():
-        return False
-    _intakes[ae] = intake
-    return True
+    where the pynetdicom patches are not installed (its EVT_C_STORE path serves)."""
+    return compat.attach(ae, lambda assoc: Stream(assoc, intake))

@@ -1,0 +1,1 @@
+"""Delivering derived series to destinations."""

@@ -1,0 +1,278 @@
+"""Every SQL statement of the job table, built once from the table definitions.
+
+The job store's classes only run these; each state change takes its allowed previous states
+from :data:`pacs_node.jobs.schema.TRANSITIONS`.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from pacs_node.jobs.schema import (
+    FINISHED,
+    HELD,
+    OPEN_SQL,
+    InstanceState,
+    JobState,
+    instances,
+    jobs,
+    sources,
+)
+
+j, i = jobs.c, instances.c
+
+
+def move(to: JobState, among: tuple[JobState, ...] | None = None) -> Any:
+    """``state IN (the states that may become `to`)``, optionally only those ``among``; the
+    states are the schema's own constants, written into the SQL (so statements compiled once
+    for the hot path need no list parameter)."""
+    return j.state.in_([sa.literal_column(f"'{s}'") for s in sources(to, among)])
+
+
+# -- recording a received instance (the receive hot path) ------------------------------------------
+def _record_statements(insert: Any) -> dict[str, Any]:
+    """The intake transaction's statements, with bind parameters ``p_*``."""
+    now: Any = sa.bindparam("p_now")
+    bump = (  # the series' open job: a ready one goes back to receiving
+        jobs.update()
+        .where(j.series_uid == sa.bindparam("p_series"), sa.text(OPEN_SQL))
+        .values(
+            last_instance_at=now,
+            updated_at=now,
+            state=sa.case((move(JobState.RECEIVING), JobState.RECEIVING.value), else_=j.state),
+        )
+        .returning(j.id)
+    )
+    last_round = (
+        sa.select(sa.func.coalesce(sa.func.max(j.round), 0))
+        .where(j.series_uid == sa.bindparam("p_series"))
+        .scalar_subquery()
+    )
+    open_job = (
+        jobs.insert()
+        .values(
+            series_uid=sa.bindparam("p_series"),
+            study_uid=sa.bindparam("p_study"),
+            round=last_round + 1,
+            state=JobState.RECEIVING.value,
+            created_at=now,
+            updated_at=now,
+            last_instance_at=now,
+            attempts=0,
+            next_attempt_at=0,
+        )
+        .returning(j.id)
+    )
+    values = {
+        "job_id": sa.bindparam("p_job"),
+        "series_uid": sa.bindparam("p_series"),
+        "path": sa.bindparam("p_path"),
+        "state": InstanceState.RECEIVED.value,
+        "received_at": now,
+        "updated_at": now,
+        "derived_uid": None,
+        "derived_path": None,
+        "last_error": None,
+    }
+    upsert = insert(instances).values(sop_instance_uid=sa.bindparam("p_sop"), **values)
+    upsert = upsert.on_conflict_do_update(
+        index_elements=["sop_instance_uid"],
+        set_={k: getattr(upsert.excluded, k) for k in values},
+    )
+    return {"bump": bump, "open": open_job, "upsert": upsert}
+
+
+SQLITE_RECORD = _record_statements(sqlite_insert)
+PG_RECORD = _record_statements(pg_insert)
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A statement compiled once for sqlite3, run on a raw cursor."""
+
+    sql: str
+    order: tuple[str, ...]
+    defaults: dict[str, Any]
+
+    def run(self, cur: Any, params: dict[str, Any]) -> Any:
+        merged = {**self.defaults, **params}
+        return cur.execute(self.sql, [merged[k] for k in self.order])
+
+
+@functools.cache
+def compiled_sqlite(name: str) -> Compiled:
+    from sqlalchemy.dialects import sqlite
+
+    c = SQLITE_RECORD[name].compile(dialect=sqlite.dialect())
+    return Compiled(c.string, tuple(c.positiontup or ()), dict(c.params))
+
+
+# -- leases ----------------------------------------------------------------------------------------
+def claim(worker: str, quiet_seconds: float, now: float, skip_locked: bool) -> Any:
+    """Take the oldest ready job, or a receiving one quiet for ``quiet_seconds``, whose retry
+    time has come."""
+    eligible = sa.or_(
+        j.state == JobState.READY.value,
+        sa.and_(j.state == JobState.RECEIVING.value, j.last_instance_at <= now - quiet_seconds),
+    )
+    pick = sa.select(j.id).where(eligible, j.next_attempt_at <= now).order_by(j.id).limit(1)
+    if skip_locked:
+        pick = pick.with_for_update(skip_locked=True)
+    return (
+        jobs.update()
+        .where(j.id == pick.scalar_subquery(), eligible, move(JobState.RUNNING))
+        .values(
+            state=JobState.RUNNING.value,
+            worker=worker,
+            heartbeat_at=now,
+            attempts=j.attempts + 1,
+            updated_at=now,
+        )
+        .returning(j.id, j.series_uid, j.study_uid, j.attempts)
+    )
+
+
+def held(job_id: int, holder: str, to: JobState | None, **values: Any) -> Any:
+    """Update a job the worker ``holder`` holds; with ``to``, move it there if the map allows."""
+    where = [j.id == job_id, j.worker == holder, j.state.in_([s.value for s in HELD])]
+    if to is not None:
+        where.append(move(to, HELD))
+        values["state"] = to.value
+    return jobs.update().where(*where).values(**values)
+
+
+def reap(stale_before: float, now: float) -> Any:
+    return (
+        jobs.update()
+        .where(move(JobState.READY, HELD), j.heartbeat_at < stale_before)
+        .values(
+            state=JobState.READY.value,
+            worker=None,
+            updated_at=now,
+            last_error="worker stopped beating; requeued",
+        )
+    )
+
+
+# -- instances of a held job -----------------------------------------------------------------------
+def instances_in(job_id: int, state: InstanceState) -> Any:
+    return (
+        sa.select(i.id, i.path, i.derived_path)
+        .where(i.job_id == job_id, i.state == state.value)
+        .order_by(i.id)
+    )
+
+
+def count_instances_in(job_id: int, state: InstanceState) -> Any:
+    return (
+        sa.select(sa.func.count())
+        .select_from(instances)
+        .where(i.job_id == job_id, i.state == state.value)
+    )
+
+
+def set_instances(ids: list[int], state: InstanceState, now: float, **values: Any) -> Any:
+    return (
+        instances.update().where(i.id.in_(ids)).values(state=state.value, updated_at=now, **values)
+    )
+
+
+def denoise_instance(iid: int, uid: str, path: str, now: float) -> Any:
+    return (
+        instances.update()
+        .where(i.id == iid, i.state == InstanceState.RECEIVED.value)
+        .values(
+            state=InstanceState.DENOISED.value, derived_uid=uid, derived_path=path, updated_at=now
+        )
+    )
+
+
+# -- pacs-node retry -------------------------------------------------------------------------------
+def job_state(job_id: int) -> Any:
+    return sa.select(j.state, j.series_uid).where(j.id == job_id)
+
+
+def open_job_of(series_uid: str) -> Any:
+    return sa.select(j.id).where(
+        j.series_uid == series_uid, j.state.not_in([s.value for s in FINISHED])
+    )
+
+
+def requeue_failed(job_id: int, now: float) -> Any:
+    return (
+        jobs.update()
+        .where(j.id == job_id, move(JobState.READY, (JobState.FAILED,)))
+        .values(state=JobState.READY.value, attempts=0, next_attempt_at=0, updated_at=now)
+    )
+
+
+def undo_failed_instances(job_id: int) -> Any:
+    """Failed instances that were never denoised go back to received."""
+    return (
+        instances.update()
+        .where(
+            i.job_id == job_id,
+            i.state == InstanceState.FAILED.value,
+            i.derived_path.is_(None),
+        )
+        .values(state=InstanceState.RECEIVED.value, last_error=None)
+    )
+
+
+# -- reporting -------------------------------------------------------------------------------------
+def job_list(job_id: int | None, limit: int) -> Any:
+    def count(*states: InstanceState) -> Any:
+        return sa.func.sum(sa.case((i.state.in_([s.value for s in states]), 1), else_=0))
+
+    counts = (
+        sa.select(
+            i.job_id,
+            sa.func.count().label("received"),
+            count(InstanceState.DENOISED, InstanceState.DELIVERED).label("denoised"),
+            count(InstanceState.DELIVERED).label("delivered"),
+            count(InstanceState.FAILED).label("failed"),
+        )
+        .group_by(i.job_id)
+        .subquery()
+    )
+    q = (
+        sa.select(jobs, counts.c.received, counts.c.denoised, counts.c.delivered, counts.c.failed)
+        .select_from(jobs.outerjoin(counts, counts.c.job_id == j.id))
+        .order_by(j.id.desc())
+        .limit(limit)
+    )
+    return q if job_id is None else q.where(j.id == job_id)
+
+
+def jobs_by_state() -> Any:
+    return sa.select(j.state, sa.func.count()).group_by(j.state)
+
+
+def known_paths() -> Any:
+    return sa.select(i.path)
+
+
+# -- retention -------------------------------------------------------------------------------------
+def expired(older_than: float, limit: int) -> Any:
+    """Delivered instances of done jobs finished before ``older_than`` that still have files."""
+    return (
+        sa.select(i.id, i.path, i.derived_path)
+        .join(jobs, j.id == i.job_id)
+        .where(
+            j.state == JobState.DONE.value,
+            j.updated_at < older_than,
+            i.state == InstanceState.DELIVERED.value,
+            i.path != "",
+        )
+        .limit(limit)
+    )
+
+
+def forget_files(ids: list[int]) -> Any:
+    return instances.update().where(i.id.in_(ids)).values(path="", derived_path=None)

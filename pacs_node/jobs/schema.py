@@ -1,0 +1,121 @@
+"""The job table's tables, its states, and the one map of the state changes allowed.
+
+A job is one round of one received series::
+
+    receiving ──(quiet: series_quiet_seconds without a new instance)──┐
+        ▲  │                                                        ▼
+        │  └────────────── claim ─────────────────────────────▶ running ──▶ forwarding ──▶ done
+        │ new instance                                             │  ▲          │
+      ready ◀── requeued: retry later, shut down, worker silent ────┘  │          │
+        ▲       (and from forwarding: latecomers arrived)  ◀──────────────────────┘
+        │                                                    running / forwarding ──▶ failed
+        └──────────────────── pacs-node retry ◀───────────────────────────────────────┘
+
+``ready`` is claimed at once; ``receiving`` only once quiet. Every UPDATE that changes a job's
+state takes its allowed previous states from :data:`TRANSITIONS` (:func:`sources`), so a change
+the map does not allow matches no row.
+
+Instances have states of their own: received -> denoised -> delivered, or failed.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import sqlalchemy as sa
+
+
+class JobState(enum.StrEnum):
+    RECEIVING = "receiving"
+    READY = "ready"
+    RUNNING = "running"
+    FORWARDING = "forwarding"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class InstanceState(enum.StrEnum):
+    RECEIVED = "received"
+    DENOISED = "denoised"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+S = JobState
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.RECEIVING: frozenset({S.RUNNING}),  # claimed once quiet
+    S.READY: frozenset({S.RECEIVING, S.RUNNING}),  # a new instance arrived; claimed
+    S.RUNNING: frozenset({S.FORWARDING, S.READY, S.FAILED}),  # gate passed; requeued; failed
+    S.FORWARDING: frozenset({S.DONE, S.READY, S.FAILED}),  # delivered; requeued; failed
+    S.DONE: frozenset(),  # final: a new instance of its series opens a new round (a new job)
+    S.FAILED: frozenset({S.READY}),  # pacs-node retry
+}
+HELD = (S.RUNNING, S.FORWARDING)  # a worker holds the job (and heartbeats)
+FINISHED = (S.DONE, S.FAILED)
+
+
+class InvalidTransition(ValueError):
+    pass
+
+
+def sources(to: JobState, among: tuple[JobState, ...] | None = None) -> list[str]:
+    """The states a job may move to ``to`` from (limited to ``among``), as values for SQL."""
+    allowed = [s for s, targets in TRANSITIONS.items() if to in targets]
+    if among is not None:
+        allowed = [s for s in allowed if s in among]
+    if not allowed:
+        raise InvalidTransition(f"no state {'of ' + str(among) if among else ''} may become {to}")
+    return [s.value for s in allowed]
+
+
+# A job that is not finished, as SQL: the predicate of the one-open-job-per-series index.
+OPEN_SQL = "state NOT IN ({})".format(", ".join(f"'{s.value}'" for s in FINISHED))
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("study_uid", sa.String(64), nullable=False),
+    sa.Column("round", sa.Integer, nullable=False, server_default="1"),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("last_instance_at", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("worker", sa.String(128)),
+    sa.Column("heartbeat_at", sa.Float),
+    sa.Column("last_error", sa.Text),
+    sa.Column("model_version", sa.String(32)),
+    sa.Column("quality", sa.Text),
+    sa.Column("flagged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Index("ix_jobs_state", "state"),
+    sa.Index("ix_jobs_series", "series_uid"),
+    sa.Index(
+        "ux_jobs_series_open",
+        "series_uid",
+        unique=True,
+        sqlite_where=sa.text(OPEN_SQL),
+        postgresql_where=sa.text(OPEN_SQL),
+    ),
+)
+
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("sop_instance_uid", sa.String(64), nullable=False, unique=True),
+    sa.Column("series_uid", sa.String(64), nullable=False),
+    sa.Column("path", sa.Text, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("derived_uid", sa.String(64)),
+    sa.Column("derived_path", sa.Text),
+    sa.Column("last_error", sa.Text),
+    sa.Index("ix_instances_job_state", "job_id", "state"),
+)

@@ -1,0 +1,107 @@
+"""What a worker records on the job it holds, and ``pacs-node retry``."""
+
+from __future__ import annotations
+
+import time
+
+from pacs_node.jobs import queries
+from pacs_node.jobs.leases import Claim, Leases
+from pacs_node.jobs.schema import InstanceState, JobState
+
+
+class StateChanges(Leases):
+    def pending_instances(
+        self, claim: Claim, state: InstanceState
+    ) -> list[tuple[int, str, str | None]]:
+        """(id, path, derived_path) of the job's instances in ``state``."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(queries.instances_in(claim.job_id, state)).all()
+        return [(int(r.id), r.path, r.derived_path) for r in rows]
+
+    def mark_denoised(
+        self, claim: Claim, done: list[tuple[int, str, str]], model_version: str
+    ) -> None:
+        """[(instance id, derived uid, derived path)] -> denoised, in one transaction."""
+        now = time.time()
+        with self.transaction() as conn:
+            self._held(conn, claim, heartbeat_at=now, model_version=model_version)
+            for iid, uid, path in done:
+                conn.execute(queries.denoise_instance(iid, uid, path, now))
+
+    def mark_instance_failed(self, claim: Claim, iid: int, error: str) -> None:
+        with self.transaction() as conn:
+            self._held(conn, claim)
+            conn.execute(
+                queries.set_instances(
+                    [iid], InstanceState.FAILED, time.time(), last_error=error[:2000]
+                )
+            )
+
+    def mark_delivered(self, claim: Claim, ids: list[int]) -> None:
+        if not ids:
+            return
+        now = time.time()
+        with self.transaction() as conn:
+            self._held(conn, claim, heartbeat_at=now)
+            conn.execute(queries.set_instances(ids, InstanceState.DELIVERED, now))
+
+    def record_quality(self, claim: Claim, quality: str, flagged: bool) -> None:
+        """The gate's figures (JSON) and whether they failed it but the series goes on."""
+        with self.transaction() as conn:
+            self._held(conn, claim, quality=quality, flagged=flagged)
+
+    def start_forwarding(self, claim: Claim) -> None:
+        with self.transaction() as conn:
+            self._held(conn, claim, JobState.FORWARDING)
+
+    def finish(self, claim: Claim) -> JobState:
+        """forwarding -> done, or -> ready when instances arrived meanwhile."""
+        with self.transaction() as conn:
+            left = conn.execute(
+                queries.count_instances_in(claim.job_id, InstanceState.RECEIVED)
+            ).scalar_one()
+            state = JobState.READY if left else JobState.DONE
+            self._held(
+                conn, claim, state, worker=None, attempts=0, last_error=None, next_attempt_at=0
+            )
+        return state
+
+    def defer(self, claim: Claim, error: str, delay: float, max_attempts: int) -> JobState:
+        """After a retryable error: back to ready after ``delay``, or failed at max_attempts."""
+        state = JobState.FAILED if claim.attempts >= max_attempts else JobState.READY
+        with self.transaction() as conn:
+            self._held(
+                conn,
+                claim,
+                state,
+                worker=None,
+                last_error=error[:2000],
+                next_attempt_at=time.time() + delay,
+            )
+        return state
+
+    def fail(self, claim: Claim, error: str, **values: object) -> None:
+        with self.transaction() as conn:
+            self._held(conn, claim, JobState.FAILED, worker=None, last_error=error[:2000], **values)
+
+    def retry(self, job_id: int) -> str | None:
+        """A failed job back to ready with its attempts reset (``pacs-node retry``).
+
+        Returns None on success, else why not (not failed, unknown, or the series has a newer
+        open round: retry once that one is finished).
+        """
+        with self.transaction() as conn:
+            row = conn.execute(queries.job_state(job_id)).first()
+            if row is None:
+                return f"job {job_id} does not exist"
+            if row.state != JobState.FAILED.value:
+                return f"job {job_id} is {row.state}, not failed"
+            open_job = conn.execute(queries.open_job_of(row.series_uid)).scalar()
+            if open_job is not None:
+                return (
+                    f"job {job_id}: its series has an open job {open_job}; "
+                    "retry when that one is done"
+                )
+            conn.execute(queries.requeue_failed(job_id, time.time()))
+            conn.execute(queries.undo_failed_instances(job_id))
+        return None

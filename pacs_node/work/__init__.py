@@ -1,0 +1,1 @@
+"""Working on a series: denoising, the quality gate, the derived instances, dispatch."""

@@ -1,0 +1,174 @@
+"""The worker loop: claim -> denoise -> gate -> dispatch, with heartbeats, and the mapping from
+what went wrong to what happens to the job (:mod:`pacs_node.work.retry`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+
+from pacs_node.config import Config
+from pacs_node.errors import PermanentError
+from pacs_node.jobs import Claim, JobState, JobStore, LostClaim
+from pacs_node.metrics import Metrics
+from pacs_node.storage import Storage
+from pacs_node.work.dispatch import Dispatcher
+from pacs_node.work.quality import QualityFigures, judge
+from pacs_node.work.retry import Outcome, RetryPolicy
+from pacs_node.work.series import Interrupted, SeriesProcessor
+from unit_model.denoiser import Denoiser
+
+logger = logging.getLogger(__name__)
+
+SWEEP_SECONDS = 300  # how often a worker removes the files that storage.keep_days let expire
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        jobs: JobStore,
+        storage: Storage,
+        denoiser: Denoiser,
+        name: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config, self.jobs, self.storage = config, jobs, storage
+        self.denoiser, self.metrics = denoiser, metrics
+        self.series = SeriesProcessor(config, jobs, storage, denoiser, metrics)
+        self.dispatcher = Dispatcher(config.destination, jobs, metrics)
+        d = config.destination
+        self.retry = RetryPolicy(
+            d.retry_backoff_seconds, d.retry_backoff_max_seconds, d.max_attempts
+        )
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
+        self.stopping = threading.Event()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event, poll: float = 0.5) -> None:
+        self.stopping = stop
+        q = self.config.queue
+        next_sweep = 0.0
+        while not stop.is_set():
+            try:
+                if time.monotonic() >= next_sweep:
+                    self.jobs.sweep(self.storage, self.config.storage.keep_days)
+                    next_sweep = time.monotonic() + SWEEP_SECONDS
+                self.jobs.reap(q.stale_after_seconds)
+                claim = self.jobs.claim(self.name, q.series_quiet_seconds)
+            except Exception:
+                logger.exception("job table unavailable; retrying")
+                stop.wait(5)
+                continue
+            if claim is None:
+                stop.wait(poll)
+                continue
+            self.process(claim)
+
+    def run_once(self) -> bool:
+        """Process one job if one is ready (for tests and `denoise`); True if one was."""
+        claim = self.jobs.claim(self.name, self.config.queue.series_quiet_seconds)
+        if claim is None:
+            return False
+        self.process(claim)
+        return True
+
+    def process(self, claim: Claim) -> None:
+        beat = threading.Event()
+        pulse = threading.Thread(target=self._heartbeat, args=(claim, beat), daemon=True)
+        pulse.start()
+        log = {"job_id": claim.job_id}
+        try:
+            logger.info(
+                "job %d: series %s, attempt %d",
+                claim.job_id,
+                claim.series_uid,
+                claim.attempts,
+                extra=log,
+            )
+            quality = self.series.denoise(claim, self.stopping, self.name)
+            if quality is not None and not self._gate(claim, quality):
+                return
+            self.jobs.start_forwarding(claim)
+            self.dispatcher.deliver(claim)
+            state = self.jobs.finish(claim)
+            if state == JobState.DONE and self.config.storage.keep_days <= 0:
+                self.jobs.remove_delivered(self.storage, claim)
+            logger.info("job %d: %s", claim.job_id, state.value, extra=log)
+        except Interrupted:
+            with contextlib.suppress(LostClaim):
+                self.jobs.release(claim)
+            logger.info("job %d: shutting down, returned to the queue", claim.job_id, extra=log)
+        except Exception as err:
+            self._after_error(claim, err)
+        finally:
+            beat.set()
+            pulse.join()
+
+    def _after_error(self, claim: Claim, err: Exception) -> None:
+        log = {"job_id": claim.job_id}
+        outcome = self.retry.outcome(err)
+        if outcome is Outcome.LEAVE:
+            logger.warning("job %d: %s; leaving it", claim.job_id, err, extra=log)
+            return
+        try:
+            if outcome is Outcome.RETRY:
+                if self.metrics:
+                    self.metrics.forward_failures.inc()
+                delay = self.retry.delay(claim.attempts)
+                state = self.jobs.defer(claim, str(err), delay, self.retry.max_attempts)
+                if state == JobState.FAILED:
+                    logger.error(
+                        "job %d failed after %d attempts: %s",
+                        claim.job_id,
+                        claim.attempts,
+                        err,
+                        extra=log,
+                    )
+                else:
+                    logger.warning(
+                        "job %d: %s; retry in %.0f s", claim.job_id, err, delay, extra=log
+                    )
+                return
+            if not isinstance(err, PermanentError):
+                logger.error("job %d: unexpected error", claim.job_id, exc_info=err, extra=log)
+            self.jobs.fail(claim, f"{type(err).__name__}: {err}")
+            logger.error("job %d failed: %s", claim.job_id, err, extra=log)
+        except LostClaim:
+            return
+
+    def _heartbeat(self, claim: Claim, stop: threading.Event) -> None:
+        while not stop.wait(self.config.queue.heartbeat_seconds):
+            try:
+                self.jobs.heartbeat(claim)
+            except LostClaim:
+                return
+            except Exception:
+                logger.warning("job %d: heartbeat failed", claim.job_id, exc_info=True)
+
+    def _gate(self, claim: Claim, q: QualityFigures) -> bool:
+        """Record the figures; hold the series (fail the job) if the verdict says so."""
+        cfg = self.config.quality
+        verdict = judge(q, cfg.max_hu_bias, cfg.max_edge_ratio)
+        record = json.dumps(q.to_dict())
+        if not verdict.measurable:  # nothing to measure on: forward, flagged, not held blindly
+            logger.warning("job %d: no uniform region to measure; forwarding flagged", claim.job_id)
+            self.jobs.record_quality(claim, record, flagged=True)
+            return True
+        problems = "; ".join(verdict.problems)
+        if problems and not cfg.forward_on_failure:
+            self.jobs.fail(claim, "quality gate: " + problems, quality=record)
+            logger.error("job %d held by the quality gate: %s", claim.job_id, problems)
+            return False
+        self.jobs.record_quality(claim, record, flagged=bool(problems))
+        if problems:
+            logger.warning(
+                "job %d: quality gate failed but quality.forward_on_failure is set: %s",
+                claim.job_id,
+                problems,
+            )
+        return True

@@ -1,12 +1,15 @@
-"""CPU (or GPU) inference speed of the full-width generator at 512 x 512.
+"""CPU (or GPU) inference speed at 512 x 512: the shipped model as the node runs it, and the
+reference's full-width generator.
 
-    .venv/bin/python bench/inference.py [--slices 8] [--batch 4] [--device cpu] [--compile]
+    .venv/bin/python bench/inference.py [--checkpoint PATH] [--slices 8] [--batch 4]
+                                        [--device cpu] [--compile] [--reference]
 
-Reports slices/s and achieved FLOP/s (428.5 GFLOP per slice, counted by torch's FlopCounterMode)
-as a fraction of torch's own matmul FLOP/s measured in the same process with the same threads:
-the ratio says how close the network's convolutions come to the machine's best dense kernel.
-Variants: fp32 contiguous, fp32 channels_last, bf16 autocast (when the CPU has native bf16),
-optionally torch.compile.
+First the shipped checkpoint (or ``--checkpoint``) through ``Denoiser.denoise_hu`` with the node's
+defaults (fp32 on the CPU, batch 8): slices/s, the median of ``--reps`` passes of ``--slices``
+slices, with the spread. With ``--reference``, also the full-width generator (428.5 GFLOP per
+slice, counted by torch's FlopCounterMode): achieved FLOP/s as a fraction of torch's own matmul
+FLOP/s measured in the same process with the same threads, for fp32 contiguous, fp32
+channels_last and bf16 autocast (when the CPU has native bf16), optionally torch.compile.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from unit_model.denoiser import Denoiser
 from unit_model.networks import UnitGenerator
 
 
@@ -57,14 +62,40 @@ def time_network(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, reps
     return statistics.median(times)
 
 
+def shipped(args: argparse.Namespace) -> None:
+    """Slices/s of ``Denoiser.denoise_hu`` on 512^2 slices of noise around soft tissue."""
+    den = Denoiser.from_checkpoint(args.checkpoint, device=args.device, batch_size=8)
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        den.network(torch.zeros(1, 1, 512, 512, device=den.device))
+    rng = np.random.default_rng(0)
+    slices = (40 + 20 * rng.standard_normal((args.slices, 512, 512))).astype(np.float32)
+    den.denoise_hu(slices[:2])  # warm-up
+    rates = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        den.denoise_hu(slices)
+        rates.append(args.slices / (time.perf_counter() - t0))
+    print(
+        f"shipped model {den.model_version} on {den.device} ({torch.get_num_threads()} threads, "
+        f"{str(den.dtype).removeprefix('torch.')}, batch 8, {fc.get_total_flops() / 1e9:.1f} "
+        f"GFLOP per slice): median {statistics.median(rates):.2f} slices/s "
+        f"(passes {' / '.join(f'{r:.2f}' for r in rates)})"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
     ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=4, help="batch of the reference generator")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--reference", action="store_true", help="also the full-width generator")
     args = ap.parse_args()
+    shipped(args)
+    if not args.reference:
+        return
     dev = torch.device(args.device)
     net = UnitGenerator().translator().eval().to(dev)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:

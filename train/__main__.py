@@ -95,6 +95,9 @@ def synth(
     ] = 380.0,
     extras: Annotated[bool, typer.Option(help="add Shepp-Logan and CT_small cases")] = True,
     workers: Annotated[int, typer.Option(help="processes for --from")] = 1,
+    repeat: Annotated[
+        int, typer.Option(help="--from: independent low doses per series, each its own case")
+    ] = 1,
     calibrate: Annotated[bool, typer.Option(help="print the noise calibration and exit")] = False,
 ) -> None:
     """Write paired regular-dose / low-dose CT series as DICOM: synthetic phantoms, or (with
@@ -117,7 +120,7 @@ def synth(
         if not from_dir.is_dir():
             raise typer.BadParameter(f"{from_dir} is not a folder", param_hint="--from")
         summary = s.synthesize_from(
-            from_dir, out, dose=doses, filters=filters, seed=seed, workers=workers
+            from_dir, out, dose=doses, filters=filters, seed=seed, workers=workers, repeat=repeat
         )
         skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.reasons().items()))
         typer.echo(

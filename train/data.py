@@ -1,7 +1,7 @@
 """DICOM folders -> HU slices; unpaired and paired sampling and augmentation for training.
 
 Series are read recursively (every transfer syntax pydicom + pylibjpeg decode) and converted to HU
-with ``pacs_node.dicom_io``. Hold-out splits are by series (hence by patient), never by slice.
+with ``pacs_node.work.dicom_io``. Hold-out splits are by series (hence by patient), never by slice.
 """
 
 from __future__ import annotations

@@ -572,17 +572,18 @@ def low_dose_dataset(
 
 
 def _from_series(
-    job: tuple[int, list[Path], Path, Path, DoseChoice, tuple[str, ...], int, float],
+    job: tuple[int, int, list[Path], Path, Path, DoseChoice, tuple[str, ...], int, float],
 ) -> tuple[int, list[tuple[str, str]]]:
-    """One source series -> its case folder (regular dose copied, low dose simulated)."""
-    k, paths, src, out, doses, filters, seed, i0 = job
-    choices = np.random.default_rng([seed, k, 1])
-    rng = np.random.default_rng([seed, k, 2])
+    """One source series -> its case folder (regular dose copied, low dose simulated); ``r``
+    numbers the independent simulations of the same series."""
+    k, r, paths, src, out, doses, filters, seed, i0 = job
+    choices = np.random.default_rng([seed, k, r, 1])
+    rng = np.random.default_rng([seed, k, r, 2])
     noise = NoiseModel(
         dose=doses.draw(choices), i0=i0, filter=filters[int(choices.integers(len(filters)))]
     )
     skipped: list[tuple[str, str]] = []
-    case = out / f"R{k:05d}" / "study"
+    case = out / (f"R{k:05d}" if not r else f"R{k:05d}-{r}") / "study"
     nd_dir = case / f"1.000000-Full dose images-{k:05d}"
     ld_dir = case / f"1.000000-Low Dose Images-{k:05d}"
     ld_uid = generate_uid(UID_ROOT)
@@ -613,7 +614,7 @@ def _from_series(
             enforce_file_format=True,
         )
         written += 1
-    logger.info("series %d: %d slices, %s", k, written, noise.describe())
+    logger.info("series %d%s: %d slices, %s", k, f"-{r}" if r else "", written, noise.describe())
     return written, skipped
 
 
@@ -626,6 +627,7 @@ def synthesize_from(
     seed: int = 0,
     i0: float = I0_DEFAULT,
     workers: int = 1,
+    repeat: int = 1,
     progress: bool = True,
 ) -> FromSummary:
     """Every CT series under ``src`` as a regular dose, with a simulated low dose beside it, in
@@ -633,7 +635,9 @@ def synthesize_from(
 
     Non-CT files, localizers, multi-frame images and unreadable files are skipped, each with a
     one-line reason (logged, and listed in the returned summary). Series are numbered in the
-    order of their first file's path; folder names never come from the files' contents.
+    order of their first file's path; folder names never come from the files' contents. With
+    ``repeat`` > 1 each series is simulated that many times, independently, each a case of its
+    own (more low-dose noise from few regular-dose scans).
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -644,10 +648,11 @@ def synthesize_from(
     for name, why in summary.skipped:
         logger.warning("skipped %s: %s", name, why)
     jobs = [
-        (k, [p for _, p in items], src, out, dose, filters, seed, i0)
+        (k, r, [p for _, p in items], src, out, dose, filters, seed, i0)
         for k, items in enumerate(groups.values())
+        for r in range(repeat)
     ]
-    total = sum(len(j[1]) for j in jobs)
+    total = sum(len(j[2]) for j in jobs)
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("simulating low dose", total=total)
         if workers > 1:
@@ -663,7 +668,7 @@ def synthesize_from(
                 summary.skipped.extend(skipped)
                 summary.series += written > 0
                 summary.slices += written
-                bar.advance(task, len(job[1]))
+                bar.advance(task, len(job[2]))
         finally:
             if pool is not None:
                 pool.shutdown()

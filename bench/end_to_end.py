@@ -42,9 +42,9 @@ def main() -> None:
     args = ap.parse_args()
     from pynetdicom import AE, evt
 
-    from pacs_node import scp_fast
+    from pacs_node import pynetdicom_compat
 
-    scp_fast.install()  # the destination answers without pynetdicom's 1 ms polling, as a PACS would
+    pynetdicom_compat.install()  # the destination answers without pynetdicom's 1 ms polling, as a PACS would
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -89,6 +89,7 @@ def main() -> None:
             if not done.wait(3600):
                 raise RuntimeError("not everything was delivered")
             wall = received[-1] - t_send
+            first, forwarding = received[0] - t_send, received[-1] - received[0]
         finally:
             node.terminate()
             node.wait()
@@ -99,7 +100,10 @@ def main() -> None:
         f"pure denoise {pure:.1f} s ({args.slices / pure:.2f} slices/s); "
         f"receive {t_sent - t_send:.1f} s"
     )
-    print(f"end to end {wall:.1f} s, minus quiet time {args.quiet:.1f} s = {busy:.1f} s")
+    print(
+        f"end to end {wall:.1f} s, minus quiet time {args.quiet:.1f} s = {busy:.1f} s "
+        f"(first derived instance at {first:.1f} s, forwarding {forwarding:.1f} s)"
+    )
     print(f"ratio pure denoise / (end to end - quiet) = {pure / busy:.2f}")
 
 

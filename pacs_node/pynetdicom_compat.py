@@ -37,7 +37,11 @@ import time
 import types
 import weakref
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any, Protocol
+
+from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
 
 logger = logging.getLogger(__name__)
 
@@ -178,8 +182,6 @@ def accepted_context(assoc: Any, context_id: int) -> tuple[str, str] | None:
 
 def hand_to_dimse(assoc: Any, context_id: int, mch: int, data: bytes | memoryview) -> None:
     """Give a PDV fragment to pynetdicom's DIMSE assembler, as its DT-2 action would."""
-    from pynetdicom.pdu_primitives import P_DATA
-
     primitive = P_DATA()
     # pynetdicom's setter wants [ID, PDV] lists; its annotation says tuples
     pdv: Any = [context_id, bytes((mch,)) + bytes(data)]
@@ -194,10 +196,6 @@ def send_raw(assoc: Any, data: bytes) -> None:
 
 def decode_command(data: bytes) -> Any:
     """A DIMSE command set (Implicit VR Little Endian) as a pydicom Dataset."""
-    from io import BytesIO
-
-    from pynetdicom.dsutils import decode
-
     return decode(BytesIO(data), True, True)
 
 

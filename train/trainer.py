@@ -423,6 +423,12 @@ class Trainer:
                         losses=_summary(losses),
                     )
                     if o.checkpoint_every and self.iteration % o.checkpoint_every == 0:
+                        if self.rank == 0:
+                            self.preview(
+                                batch.ld,
+                                batch.hd,
+                                self.run_dir / f"preview-{self.iteration:07d}.png",
+                            )
                         self.checkpoint()
                     if (
                         o.max_iterations and self.iteration >= o.max_iterations
@@ -431,9 +437,12 @@ class Trainer:
                         break
                 if not done:
                     self.epoch += 1
-                if last is not None and self.rank == 0:
-                    self.preview(*last, self.run_dir / f"preview-epoch{self.epoch:03d}.png")
-                self.checkpoint()
+                # Per epoch, as the reference does; with checkpoint_every, on those iterations
+                # (above) and at the end only.
+                if not o.checkpoint_every or done or self.epoch >= o.epochs:
+                    if last is not None and self.rank == 0:
+                        self.preview(*last, self.run_dir / f"preview-epoch{self.epoch:03d}.png")
+                    self.checkpoint()
                 logf.flush()
         return {"iterations": self.iteration, "epochs": self.epoch, "best": self.best}
 

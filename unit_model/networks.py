@@ -254,6 +254,8 @@ class UnitTranslator(nn.Module):
         self.decoder = gen.dec_hd
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.decoder.cfg.encoder_skips:  # keep no activations the decoder never reads
+            return self.decoder(self.shared_dec(self.shared_enc(self.encoder(x))), x)
         h, half, full = self.encoder.features(x)
         return self.decoder(self.shared_dec(self.shared_enc(h)), x, (half, full))
 

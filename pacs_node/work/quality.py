@@ -61,25 +61,34 @@ def judge(q: QualityFigures, max_hu_bias: float, max_edge_ratio: float) -> Verdi
     return Verdict(tuple(problems), measurable=True)
 
 
+def _half(img: np.ndarray) -> np.ndarray:
+    """2 x 2 block means (even sizes; odd ones lose their last row or column)."""
+    h, w = img.shape[0] // 2 * 2, img.shape[1] // 2 * 2
+    return img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
 def edge_removal(
     inp: np.ndarray, out: np.ndarray, body: tuple[float, float] = (-500.0, 1500.0)
 ) -> tuple[float, int, float, int]:
     """Squared removal (input - output) summed over the input's strongest edges and over its
     flattest tissue, with the pixel counts: (edge sum, edge pixels, flat sum, flat pixels).
 
-    Edges are judged on a smoothed input (Gaussian, 1.5 px) so its noise does not count as edges.
+    Judged at half resolution (2 x 2 means, a quarter of the cost; noise removal is averaged
+    down alike on edges and flat tissue, so the ratio keeps its meaning), edges on a smoothed
+    input (Gaussian, 0.75 half-resolution pixels) so that its noise does not count as edges.
     """
     edge_sum = flat_sum = 0.0
     edge_n = flat_n = 0
     for k in range(inp.shape[0]):
-        smooth = ndimage.gaussian_filter(inp[k].astype(np.float32), 1.5)
+        src = _half(inp[k].astype(np.float32))
+        smooth = ndimage.gaussian_filter(src, 0.75)
         grad = np.hypot(ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1))
         mask = (smooth > body[0]) & (smooth < body[1])
-        if mask.sum() < 256:
+        if mask.sum() < 64:
             continue
         g = grad[mask]
         hi, lo = np.percentile(g, [90, 50])
-        removed = (inp[k] - out[k]).astype(np.float64) ** 2
+        removed = (src - _half(out[k].astype(np.float32))).astype(np.float64) ** 2
         edges, flat = mask & (grad >= hi), mask & (grad <= lo)
         edge_sum += float(removed[edges].sum())
         edge_n += int(edges.sum())

@@ -45,6 +45,12 @@ class SeriesQuality(RegionTally):
         self.add(hu_in, hu_out, find_uniform_regions(hu_in, per_slice=1))
         self.add_edges(hu_in, hu_out)
 
+    def add_slices(self, hu_in: list[np.ndarray], hu_out: list[np.ndarray]) -> None:
+        """Slices that may mix matrix sizes."""
+        for shape in {h.shape for h in hu_in}:
+            sel = [k for k, h in enumerate(hu_in) if h.shape == shape]
+            self.add_chunk(np.stack([hu_in[k] for k in sel]), np.stack([hu_out[k] for k in sel]))
+
 
 def load_denoiser(config: Config) -> Denoiser:
     m = config.model
@@ -58,11 +64,9 @@ def load_denoiser(config: Config) -> Denoiser:
     )
 
 
-def denoise_slices(
-    denoiser: Denoiser, hu: list[np.ndarray], quality: SeriesQuality
-) -> tuple[list[np.ndarray], float]:
+def denoise_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
     """Denoise slices that may mix matrix sizes (one batch per size); return the outputs in
-    input order and the seconds spent in the network. Adds each batch to ``quality``."""
+    input order and the seconds spent in the network."""
     out: list[np.ndarray] = [np.empty(0)] * len(hu)
     seconds = 0.0
     for shape in {h.shape for h in hu}:
@@ -71,7 +75,6 @@ def denoise_slices(
         t0 = time.perf_counter()
         res = denoiser.denoise_hu(batch)
         seconds += time.perf_counter() - t0
-        quality.add_chunk(batch, res)
         for n, k in enumerate(sel):
             out[k] = res[n]
     return out, seconds
@@ -115,7 +118,9 @@ class SeriesProcessor:
         quality = SeriesQuality()
         chunk = max(self.config.model.batch_size, 16)
         # Each chunk's derived files are encoded, written (fsync) and recorded on a helper thread
-        # while the network works on the next chunk; one chunk in flight keeps the order.
+        # while the network works on the next chunk; one chunk in flight keeps the order. (The
+        # quality figures are measured here, between chunks: beside the network's threads they
+        # slowed it by more than they cost.)
         with ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write") as writer:
             in_flight: Future[None] | None = None
             for start in range(0, len(pending), chunk):
@@ -124,7 +129,8 @@ class SeriesProcessor:
                         in_flight.result()
                     raise Interrupted
                 sources, hu, ids = self._read_chunk(claim, pending[start : start + chunk])
-                outputs, seconds = denoise_slices(self.denoiser, hu, quality)
+                outputs, seconds = denoise_slices(self.denoiser, hu)
+                quality.add_slices(hu, outputs)
                 if self.metrics and hu:
                     self.metrics.observe_denoise(seconds, len(hu))
                 middle = len(pending) // 2 - start  # the series' middle slice, if in this chunk
@@ -209,7 +215,9 @@ def denoise_folder(
         quality = SeriesQuality()
         for start in range(0, len(items), 32):
             part = items[start : start + 32]
-            outputs, _ = denoise_slices(denoiser, [read_hu(ds) for ds in part], quality)
+            hu = [read_hu(ds) for ds in part]
+            outputs, _ = denoise_slices(denoiser, hu)
+            quality.add_slices(hu, outputs)
             for src, res in zip(part, outputs, strict=True):
                 d = derive_output(config, denoiser, src, res)
                 target = out_dir / str(d.SeriesInstanceUID) / f"{d.SOPInstanceUID}.dcm"

@@ -44,7 +44,8 @@ def main() -> None:
 
     from pacs_node import pynetdicom_compat
 
-    pynetdicom_compat.install()  # the destination answers without pynetdicom's 1 ms polling, as a PACS would
+    # the destination answers without pynetdicom's 1 ms polling, as a PACS would
+    pynetdicom_compat.install()
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -118,6 +118,10 @@ def worker(
 @app.command()
 def retry(
     job: Annotated[int, typer.Argument(help="job id, from `pacs-node status`")],
+    destination: Annotated[
+        str | None,
+        typer.Option(help="only this destination (default: every one that gave up)"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Requeue a failed job (attempts reset); a retry sends only what was not delivered."""
@@ -127,7 +131,7 @@ def retry(
     queue = JobStore(cfg.queue.database_url)
     try:
         queue.migrate()
-        problem = queue.retry(job)
+        problem = queue.retry(job, destination)
         if problem:
             raise _fail(problem, 1)
     finally:
@@ -205,22 +209,42 @@ def status(
     try:
         queue.migrate()
         rows = queue.list_jobs(limit=limit)
+        per_destination = queue.destination_report()
     except Exception as err:
         raise _fail(f"cannot read the job table at {cfg.queue.database_url}: {err}", 1) from None
     finally:
         queue.dispose()
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in rows], indent=2))
+        typer.echo(
+            json.dumps(
+                {"jobs": [r.to_dict() for r in rows], "destinations": per_destination}, indent=2
+            )
+        )
         return
     from rich.console import Console
     from rich.table import Table
 
+    console = Console(width=200)
+    if per_destination:
+        dest = Table("destination", "delivered", "pending", "failed", "last error", box=None)
+        for name, t in sorted(per_destination.items()):
+            dest.add_row(
+                name,
+                str(t["delivered"]),
+                str(t["pending"]),
+                str(t["failed"]),
+                (t["last_error"] or "")[:100],
+            )
+        console.print(dest)
+        console.print()
     table = Table(
         "job",
-        "series UID",
+        "series",
+        "from",
+        "action",
         "received",
         "denoised",
-        "forwarded",
+        "destinations",
         "state",
         "attempts",
         "model",
@@ -228,18 +252,25 @@ def status(
         box=None,
     )
     for r in rows:
+        places = ", ".join(
+            f"{name} {d.get('delivered', 0)}/{d.get('delivered', 0) + d.get('pending', 0)}"
+            + (f" {d['state']}" if d.get("state") not in ("delivered", "pending") else "")
+            for name, d in r.destinations.items()
+        )
         table.add_row(
             str(r.id),
-            r.series_uid,
+            f"{r.series_description or ''} {r.series_uid}".strip(),
+            r.calling_ae or "",
+            r.action,
             str(r.received),
-            str(r.denoised),
-            str(r.delivered),
+            str(r.denoised) if r.action == "denoise" else "-",
+            places,
             r.state + (" (flagged)" if r.flagged else ""),
             str(r.attempts),
             r.model_version or "",
             (r.last_error or "")[:80],
         )
-    Console(width=200).print(table if rows else "no jobs yet")
+    console.print(table if rows else "no jobs yet")
 
 
 def main() -> None:

@@ -7,13 +7,21 @@ defaults, with paths relative to the current directory.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = ["Config", "ConfigError", "default_path", "defaults", "load"]
 
@@ -67,11 +75,35 @@ class NodeConfig(_Section):
             return value
         if not value:
             raise ValueError('list is empty: name the calling AE titles, or ["*"] for any')
-        return tuple(_check_ae(v) for v in value)
+        out = []
+        for v in value:
+            title, _, where = v.partition("@")
+            if where:
+                try:
+                    ipaddress.ip_network(where, strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"{v!r}: {where!r} is not an address or network (e.g. 10.2.0.0/24)"
+                    ) from None
+            out.append(_check_ae(title) + (f"@{where}" if where else ""))
+        return tuple(out)
 
     @property
     def accepts_any_caller(self) -> bool:
         return self.allowed_calling_ae_titles == ("*",)
+
+    @property
+    def callers(self) -> dict[str, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+        """Allowed calling AE title -> the networks it may call from (empty: anywhere)."""
+        out: dict[str, list[Any]] = {}
+        for entry in self.allowed_calling_ae_titles:
+            title, _, where = entry.partition("@")
+            nets = out.setdefault(title, [])
+            if where:
+                nets.append(ipaddress.ip_network(where, strict=False))
+            else:
+                nets.append(None)  # this title from anywhere
+        return {t: () if None in n else tuple(n) for t, n in out.items()}
 
 
 class StorageConfig(_Section):
@@ -103,17 +135,120 @@ class ModelConfig(_Section):
         return value
 
 
+class DestinationTLS(_Section):
+    ca_certificates: Path | None = None  # verify the destination's certificate with these
+    certificate: Path | None = None  # our client certificate, when the destination asks
+    private_key: Path | None = None
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
 class DestinationConfig(_Section):
+    name: str = "default"
+    kind: Literal["dimse", "dicomweb"] = "dimse"
     ae_title: str = "PACS"
     host: str = "127.0.0.1"
     port: Port = 4242
     calling_ae_title: str = "LDCT_DENOISE"
+    tls: DestinationTLS | None = None
+    url: str | None = None  # dicomweb: the STOW-RS base URL
+    auth_env: str | None = None  # dicomweb: variable holding "Bearer ..." or "user:password"
     max_attempts: int = Field(default=8, ge=1)
     retry_backoff_seconds: float = Field(default=2, ge=0)
     retry_backoff_max_seconds: float = Field(default=300, ge=0)
     timeout_seconds: float = Field(default=30, gt=0)
+    batch_size: int = Field(default=16, ge=1, le=1000)  # dicomweb: instances per STOW-RS request
 
     _ae = field_validator("ae_title", "calling_ae_title")(_check_ae)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(f"{value!r}: 1-32 letters, digits, '_', '.' or '-'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> DestinationConfig:
+        if self.kind == "dicomweb" and not self.url:
+            raise ValueError(f'destination {self.name!r}: kind = "dicomweb" needs url')
+        return self
+
+
+Action = Literal["denoise", "pass", "ignore"]
+
+
+class RuleConfig(_Section):
+    """One routing rule: every matcher given must hold; the first rule that matches decides."""
+
+    name: str
+    calling_ae_title: str | None = None
+    peer: str | None = None  # address or network of the sender, e.g. "10.2.0.0/24"
+    modality: str | None = None
+    sop_class: str | None = None
+    series_description: str | None = None  # regular expression, searched
+    protocol_name: str | None = None  # regular expression, searched
+    body_part: str | None = None
+    image_type: tuple[str, ...] = ()  # values that must all be present
+    slice_thickness: tuple[float, float] | None = None  # [min, max] mm
+    kernel: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    action: Action
+    destinations: tuple[str, ...] = ()  # empty: every destination
+    send_original: bool = False  # denoise: also forward the original series unchanged
+
+    @field_validator("series_description", "protocol_name")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a regular expression: {err}") from None
+        return value
+
+    @field_validator("peer")
+    @classmethod
+    def _check_peer(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an address or network") from None
+        return value
+
+    @field_validator("slice_thickness")
+    @classmethod
+    def _check_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"[{value[0]}, {value[1]}]: min is above max")
+        return value
+
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def default_rules() -> tuple[RuleConfig, ...]:
+    """With no [[rule]]: CT images are denoised, CT localizers passed on unchanged, both to every
+    destination; anything else is refused."""
+    return (
+        RuleConfig(
+            name="CT localizers pass through",
+            sop_class=CT_IMAGE_STORAGE,
+            image_type=("LOCALIZER",),
+            action="pass",
+        ),
+        RuleConfig(name="CT images denoised", sop_class=CT_IMAGE_STORAGE, action="denoise"),
+    )
 
 
 class OutputConfig(_Section):
@@ -135,6 +270,18 @@ class HttpConfig(_Section):
     enabled: bool = True
     bind: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # The status page shows patient images: off loopback it needs a bearer token, read from this
+    # environment variable (/metrics and /healthz stay open).
+    token_env: str | None = None
+
+    @property
+    def on_loopback(self) -> bool:
+        if self.bind == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            return False
 
 
 class LoggingConfig(_Section):
@@ -147,7 +294,8 @@ class Config(_Section):
     storage: StorageConfig = StorageConfig()
     queue: QueueConfig = QueueConfig()
     model: ModelConfig = ModelConfig()
-    destination: DestinationConfig = DestinationConfig()
+    destination: tuple[DestinationConfig, ...] = (DestinationConfig(),)
+    rule: tuple[RuleConfig, ...] = ()
     output: OutputConfig = OutputConfig()
     worker: WorkerConfig = WorkerConfig()
     quality: QualityConfig = QualityConfig()
@@ -155,6 +303,40 @@ class Config(_Section):
     logging: LoggingConfig = LoggingConfig()
     source: Path | None = Field(default=None, exclude=True)
     """The file this was read from (None for the embedded defaults)."""
+
+    @field_validator("destination", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        # [destination] (one table, as before routing existed) or [[destination]] (several)
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check_routing(self) -> Config:
+        names = [d.name for d in self.destination]
+        if not names:
+            raise ValueError("destination: at least one destination is needed")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destination.name: {dupes[0]!r} is used twice")
+        for k, rule in enumerate(self.rule):
+            for name in rule.destinations:
+                if name not in names:
+                    raise ValueError(
+                        f"rule[{k}] ({rule.name!r}).destinations: unknown destination {name!r} "
+                        f"(configured: {', '.join(names)})"
+                    )
+        return self
+
+    @property
+    def rules(self) -> tuple[RuleConfig, ...]:
+        """The [[rule]] tables, or the defaults when there are none."""
+        return self.rule or default_rules()
+
+    def destination_named(self, name: str) -> DestinationConfig:
+        for d in self.destination:
+            if d.name == name:
+                return d
+        raise KeyError(name)
 
 
 class ConfigError(Exception):
@@ -199,10 +381,23 @@ def _resolve(config: Config, base: Path) -> Config:
     )
 
 
-def _describe(err: ValidationError, source: Path) -> str:
+def _key(loc: tuple[int | str, ...], data: dict[str, object]) -> str:
+    """A pydantic location as the TOML key an admin wrote: ``rule[1].action``, and
+    ``destination.port`` for a single [destination] table."""
+    out = ""
+    for k, part in enumerate(loc):
+        if isinstance(part, int):
+            single = k == 1 and isinstance(data.get(str(loc[0])), dict)
+            out += "" if single else f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _describe(err: ValidationError, source: Path, data: dict[str, object]) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = _key(e["loc"], data) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key (misspelled? see the configuration reference in README.md)"
         elif e["type"] == "missing":
@@ -211,7 +406,7 @@ def _describe(err: ValidationError, source: Path) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and e["type"] not in ("value_error",):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: {key}: {msg}")
+        lines.append(f"{source}: {key}: {msg}" if e["loc"] else f"{source}: {msg}")
     return "\n".join(lines)
 
 
@@ -219,7 +414,7 @@ def parse(data: dict[str, object], source: Path) -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(_describe(err, source, data)) from None
     return _resolve(config, source.parent.resolve()).model_copy(update={"source": source})
 
 

@@ -236,7 +236,7 @@ def run_demo(
             queue=QueueConfig(
                 database_url=f"sqlite:///{work}/node/jobs.sqlite", series_quiet_seconds=1
             ),
-            destination=DestinationConfig(port=dest.port),
+            destination=(DestinationConfig(port=dest.port),),
             http=HttpConfig(port=0),
             # show the result even when the gate would hold it; the report says so
             quality=QualityConfig(forward_on_failure=True),

@@ -4,12 +4,14 @@
   queue depth by state, denoise seconds and slices, forward failures, GPU memory on CUDA).
 * ``/healthz``: JSON; 200 when the job table answers, the disk is above the watermark and the
   model is loaded (when this node denoises); 503 otherwise.
-* ``/``: the newest jobs with their state, quality figures and a before/after thumbnail.
+* ``/``: each destination's totals and the newest jobs (:mod:`pacs_node.status_page`). It shows
+  patient images: with a token (needed off loopback) it and the thumbnails need
+  ``Authorization: Bearer <token>``; /metrics and /healthz, which carry no patient data, do not.
 """
 
 from __future__ import annotations
 
-import html
+import hmac
 import json
 import logging
 import re
@@ -22,6 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from pacs_node import status_page
 from pacs_node.jobs import JobState, JobStore
 from pacs_node.metrics import Metrics
 from pacs_node.storage import Storage
@@ -93,34 +96,6 @@ def health(
     return ok, checks
 
 
-def _status_page(jobs: JobStore) -> str:
-    rows = []
-    for j in jobs.list_jobs(limit=100):
-        q = j.quality or {}
-        figures = (
-            f"bias {q['hu_bias']:+.1f} HU<br>noise {q['noise_in']:.1f} → {q['noise_out']:.1f} HU"
-            if q.get("regions")
-            else ""
-        )
-        thumb = f'<img src="/thumbs/{j.id}.png" alt="middle slice, before and after" height="96">'
-        rows.append(
-            f"<tr><td>{j.id}</td><td><code>{html.escape(j.series_uid)}</code></td>"
-            f"<td class='{html.escape(j.state)}'>{html.escape(j.state)}"
-            f"{' (flagged)' if j.flagged else ''}</td>"
-            f"<td>{j.received}</td><td>{j.denoised}</td><td>{j.delivered}</td><td>{j.attempts}</td>"
-            f"<td>{figures}</td><td>{thumb}</td><td>{html.escape(j.last_error or '')}</td></tr>"
-        )
-    body = "\n".join(rows) or "<tr><td colspan=10>no jobs yet</td></tr>"
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>pacs-node status</title>
-<meta http-equiv="refresh" content="10">
-<style>body{{font-family:sans-serif;margin:1em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:middle}}.done{{color:#070}}
-.failed{{color:#b00}}</style></head><body><h1>pacs-node: jobs</h1>
-<table><tr><th>job</th><th>series UID</th><th>state</th><th>received</th><th>denoised</th>
-<th>forwarded</th><th>attempts</th><th>quality</th><th>before | after</th><th>last error</th></tr>
-{body}</table></body></html>"""
-
-
 class HttpServer:
     def __init__(
         self,
@@ -130,9 +105,11 @@ class HttpServer:
         storage: Storage,
         metrics: Metrics,
         model_loaded: bool | None,
+        token: str | None = None,
     ) -> None:
         self.jobs, self.storage, self.metrics = jobs, storage, metrics
         self.model_loaded = model_loaded
+        self.token = token  # when set, every page but /metrics and /healthz needs it
         metrics.registry.register(_QueueCollector(jobs))
         outer = self
 
@@ -147,8 +124,20 @@ class HttpServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _authorised(self) -> bool:
+                if outer.token is None:
+                    return True
+                given = self.headers.get("Authorization", "")
+                return hmac.compare_digest(given.encode(), f"Bearer {outer.token}".encode())
+
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
+                if path not in ("/metrics", "/healthz") and not self._authorised():
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Bearer realm="pacs-node"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path == "/metrics":
                     self._send(200, generate_latest(outer.metrics.registry), CONTENT_TYPE)
                 elif path == "/healthz":
@@ -161,7 +150,8 @@ class HttpServer:
                         "application/json",
                     )
                 elif path in ("/", "/index.html"):
-                    self._send(200, _status_page(outer.jobs).encode(), "text/html; charset=utf-8")
+                    page = status_page.render(outer.jobs).encode()
+                    self._send(200, page, "text/html; charset=utf-8")
                 elif m := re.fullmatch(r"/thumbs/(\d+)\.png", path):
                     thumb = outer.storage.thumb_path(int(m.group(1)))
                     if thumb.is_file():

@@ -19,6 +19,11 @@ class Metrics:
             "pacs_node_associations", "Associations by outcome", ["outcome"], registry=r
         )
         self.received = Counter("pacs_node_instances_received", "Instances stored", registry=r)
+        self.ignored = Counter(
+            "pacs_node_instances_ignored",
+            "Instances answered Success and not kept (rule)",
+            registry=r,
+        )
         self.rejected = Counter(
             "pacs_node_instances_rejected", "Instances refused, by reason", ["reason"], registry=r
         )
@@ -33,9 +38,17 @@ class Metrics:
             "pacs_node_denoise_slices_per_second", "Throughput of the last chunk", registry=r
         )
         self.forward_failures = Counter(
-            "pacs_node_forward_failures", "Failed forwarding attempts", registry=r
+            "pacs_node_forward_failures",
+            "Failed delivery attempts, by destination",
+            ["destination"],
+            registry=r,
         )
-        self.delivered = Counter("pacs_node_instances_delivered", "Instances delivered", registry=r)
+        self.delivered = Counter(
+            "pacs_node_instances_delivered",
+            "Objects delivered, by destination",
+            ["destination"],
+            registry=r,
+        )
         self.last_delivery = Gauge(
             "pacs_node_last_delivery_timestamp_seconds",
             "Unix time of the last delivery",
@@ -44,8 +57,8 @@ class Metrics:
 
         self.last_delivery_at: float | None = None
 
-    def observe_delivery(self) -> None:
-        self.delivered.inc()
+    def observe_delivery(self, destination: str) -> None:
+        self.delivered.labels(destination).inc()
         self.last_delivery_at = time.time()
         self.last_delivery.set(self.last_delivery_at)
 

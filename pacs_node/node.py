@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import pydicom
@@ -63,7 +64,13 @@ class Node:
         self.storage = Storage(config.storage.data_dir, config.storage.min_free_bytes)
         self.jobs = JobStore(config.queue.database_url)
         self.metrics = Metrics()
-        self.intake = Intake(self.storage, self.jobs, self.metrics)
+        self.intake = Intake(
+            self.storage,
+            self.jobs,
+            self.metrics,
+            config.rules,
+            tuple(d.name for d in config.destination),
+        )
         self.scp = (
             StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake)
             if receive
@@ -75,9 +82,29 @@ class Node:
         self._stop = threading.Event()
         self.http: HttpServer | None = None
 
+    def check(self) -> None:
+        """What the configuration needs from the environment: raise PermanentError naming the
+        key when it is missing."""
+        for d in self.config.destination:
+            if d.auth_env and not os.environ.get(d.auth_env):
+                raise PermanentError(
+                    f"destination {d.name!r}: auth_env names {d.auth_env}, which is not set"
+                )
+        h = self.config.http
+        if h.enabled and not h.on_loopback:
+            if not h.token_env:
+                raise PermanentError(
+                    f"http.bind = {h.bind!r} is not a loopback address and the status page shows "
+                    "patient images: set http.token_env to the environment variable holding "
+                    "its bearer token"
+                )
+            if not os.environ.get(h.token_env):
+                raise PermanentError(f"http.token_env names {h.token_env}, which is not set")
+
     def start(self) -> None:
-        """Load the model first: a node that cannot denoise refuses to start, before it accepts
-        data it could never process."""
+        """Check the environment and load the model first: a node that cannot denoise refuses
+        to start, before it accepts data it could never process."""
+        self.check()
         denoiser = None
         if self.n_workers:
             try:
@@ -100,6 +127,7 @@ class Node:
                 self.storage,
                 self.metrics,
                 model_loaded=None if not self.n_workers else denoiser is not None,
+                token=os.environ.get(h.token_env) if h.token_env else None,
             )
             self.http.start()
         if self.scp is not None:

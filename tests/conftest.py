@@ -192,7 +192,7 @@ class NodeProcess:
             timeout=60,
         )
         assert out.returncode == 0, out.stderr
-        return list(json.loads(out.stdout))
+        return list(json.loads(out.stdout)["jobs"])
 
 
 @pytest.fixture

@@ -51,7 +51,8 @@ def test_metrics_move_when_a_series_is_processed(
         after = samples(node.http_port)
         assert after[("pacs_node_instances_received_total", ())] == 6
         assert after[("pacs_node_denoised_slices_total", ())] == 6
-        assert after[("pacs_node_instances_delivered_total", ())] == 6
+        delivered = ("pacs_node_instances_delivered_total", (("destination", "default"),))
+        assert after[delivered] == 6
         assert after[("pacs_node_associations_total", (("outcome", "released"),))] >= 1
         assert after[("pacs_node_associations_total", (("outcome", "rejected"),))] == 1
         assert after[("pacs_node_queue_jobs", (("state", "done"),))] == 1

@@ -2,9 +2,9 @@
 
 Packages: pacs_node -> unit_model <- train; unit_model is torch + numpy only. Inside pacs_node,
 lower rooms never import higher ones: the base modules (config, errors, log, metrics, status,
-storage, pynetdicom_compat) import no room; jobs imports only the base; receive and deliver
-import jobs and the base (not each other); work may also use deliver; the shell (cli, node,
-http, demo) sits on top.
+storage, pynetdicom_compat) import no room; jobs and route (pure) import only the base; receive
+uses route and jobs, deliver only the base; work may also use deliver; the shell (cli, node,
+http, status_page, demo) sits on top.
 """
 
 from __future__ import annotations
@@ -14,14 +14,27 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-SHELL = {"pacs_node.cli", "pacs_node.node", "pacs_node.http", "pacs_node.demo"}
-ROOMS = {"pacs_node.jobs", "pacs_node.receive", "pacs_node.deliver", "pacs_node.work"}
+SHELL = {
+    "pacs_node.cli",
+    "pacs_node.node",
+    "pacs_node.http",
+    "pacs_node.status_page",
+    "pacs_node.demo",
+}
+ROOMS = {
+    "pacs_node.jobs",
+    "pacs_node.route",
+    "pacs_node.receive",
+    "pacs_node.deliver",
+    "pacs_node.work",
+}
 BASE = ("config", "errors", "log", "metrics", "status", "storage", "pynetdicom_compat")
 
 RULES: dict[str, set[str]] = {
     "unit_model": {"pydicom", "pynetdicom", "sqlalchemy", "pacs_node", "train"},
     "pacs_node": {"train"},
     "pacs_node/jobs": SHELL | ROOMS - {"pacs_node.jobs"},
+    "pacs_node/route": SHELL | ROOMS - {"pacs_node.route"},
     "pacs_node/receive": SHELL | {"pacs_node.work", "pacs_node.deliver"},
     "pacs_node/deliver": SHELL | {"pacs_node.work", "pacs_node.receive"},
     "pacs_node/work": SHELL | {"pacs_node.receive"},

@@ -157,8 +157,11 @@ def test_reaper_requeues_stale_work_and_the_old_worker_loses_its_claim(database_
         pass
     q.mark_denoised(new, [(1, "2.25.1", "d")], "v1")
     q.start_forwarding(new)
-    q.mark_delivered(new, [1])
-    assert q.finish(new) == JobState.DONE
+    sent = q.pending_deliveries(new, "default")
+    assert [f for _, f in sent] == ["d"]
+    q.mark_sent(new, [i for i, _ in sent])
+    q.destination_done(new, "default")
+    assert q.settle(new) == (JobState.DONE, 0.0)
     row = q.list_jobs()[0]
     assert (row.state, row.delivered, row.model_version) == ("done", 1, "v1")
 
@@ -171,8 +174,79 @@ def test_finish_goes_back_to_ready_when_instances_arrived_meanwhile(database_url
     q.record_instance(sop_uid="1.5.1.2", series_uid="1.5.1", study_uid="1.5", path="b")
     assert len(q.pending_instances(c, InstanceState.RECEIVED)) == 2
     q.mark_denoised(c, [(1, "2.25.1", "d1")], "v")
-    q.mark_delivered(c, [1])
-    assert q.finish(c) == JobState.READY
+    q.start_forwarding(c)
+    q.mark_sent(c, [i for i, _ in q.pending_deliveries(c, "default")])
+    q.destination_done(c, "default")
+    assert q.settle(c)[0] == JobState.READY
+    row = q.list_jobs()[0]
+    assert (row.received, row.delivered) == (2, 1)
+
+
+def test_each_destination_is_delivered_and_retried_on_its_own(database_url: str) -> None:
+    q = _queue(database_url)
+    for k in (1, 2):
+        q.record_instance(
+            sop_uid=f"1.7.1.{k}",
+            series_uid="1.7.1",
+            study_uid="1.7",
+            path=f"in{k}",
+            now=0,
+            destinations=("pacs", "archive"),
+            send_original=True,
+        )
+    c = q.claim("w", quiet_seconds=1)
+    assert c is not None and c.destinations == ("pacs", "archive") and c.send_original
+    q.mark_denoised(c, [(1, "2.25.1", "out1"), (2, "2.25.2", "out2")], "v")
+    q.start_forwarding(c)
+    assert sorted(n for n, _ in q.due_destinations(c)) == ["archive", "pacs"]
+    # derived and original, per instance, for each destination
+    assert sorted(f for _, f in q.pending_deliveries(c, "pacs")) == ["in1", "in2", "out1", "out2"]
+    q.mark_sent(c, [i for i, _ in q.pending_deliveries(c, "pacs")])
+    q.destination_done(c, "pacs")
+    assert q.destination_failed(c, "archive", "refused", delay=30, max_attempts=2) == "pending"
+    state, due = q.settle(c)
+    assert state == JobState.READY and due > 0
+    row = q.list_jobs()[0]
+    assert row.destinations["pacs"]["delivered"] == 4 and row.destinations["pacs"]["pending"] == 0
+    assert row.destinations["archive"]["pending"] == 4 and "refused" in str(row.last_error)
+    report = q.destination_report()
+    assert report["pacs"]["delivered"] == 4 and report["archive"]["last_error"] == "refused"
+    # the next try: only the archive is due, and it gives up after its max_attempts
+    c = q.claim("w", quiet_seconds=1, now=due + 1)
+    assert c is not None
+    q.start_forwarding(c)
+    assert [n for n, _ in q.due_destinations(c, now=due + 1)] == ["archive"]
+    assert q.pending_deliveries(c, "pacs") == []
+    assert q.destination_failed(c, "archive", "refused again", delay=0, max_attempts=2) == "failed"
+    assert q.settle(c)[0] == JobState.FAILED
+    row = q.list_jobs()[0]
+    assert row.destinations["archive"]["failed"] == 4 and row.delivered == 0
+    # pacs-node retry --destination archive: only the archive is tried again
+    assert "no destination" in str(q.retry(row.id, "nowhere"))
+    assert q.retry(row.id, "archive") is None
+    c = q.claim("w", quiet_seconds=1)
+    assert c is not None
+    q.start_forwarding(c)
+    assert [n for n, _ in q.due_destinations(c)] == ["archive"]
+    q.mark_sent(c, [i for i, _ in q.pending_deliveries(c, "archive")])
+    q.destination_done(c, "archive")
+    assert q.settle(c)[0] == JobState.DONE
+    assert q.list_jobs()[0].delivered == 2
+
+
+def test_a_pass_job_sends_the_originals(database_url: str) -> None:
+    q = _queue(database_url)
+    q.record_instance(
+        sop_uid="1.8.1.1", series_uid="1.8.1", study_uid="1.8", path="sr", now=0, action="pass"
+    )
+    c = q.claim("w", quiet_seconds=1)
+    assert c is not None and c.action == "pass"
+    q.start_forwarding(c)
+    assert [f for _, f in q.pending_deliveries(c, "default")] == ["sr"]
+    q.mark_sent(c, [i for i, _ in q.pending_deliveries(c, "default")])
+    q.destination_done(c, "default")
+    assert q.settle(c)[0] == JobState.DONE
+    assert q.list_jobs()[0].delivered == 1
 
 
 def test_failed_job_retry_and_new_round(database_url: str) -> None:

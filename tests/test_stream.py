@@ -245,7 +245,8 @@ def test_an_instance_is_judged_while_it_arrives_whatever_the_fragment_size(
 
 
 class _Caller:
-    """Stands in for the association in Intake.incoming (its requestor's AE title only)."""
+    """Stands in for the association in Intake.incoming (its requestor's title and address)."""
 
     class requestor:
         ae_title = "STORESCU"
+        address = "127.0.0.1"

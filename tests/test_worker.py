@@ -120,9 +120,15 @@ def test_destination_down_then_up(tmp_path: Path, node_factory, tiny_checkpoint:
     node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1).start()
     files = make_series(tmp_path / "s", n=8, noise_sd=10)
     assert node.storescu(*map(str, files)).returncode == 0
-    wait_for(lambda: node.status()[0]["attempts"] >= 2, 60, "failed attempts")
-    assert node.status()[0]["state"] in ("ready", "running", "forwarding")
-    assert "association" in (node.status()[0]["last_error"] or "")
+    wait_for(
+        lambda: node.status()[0]["destinations"]["default"].get("attempts", 0) >= 2,
+        60,
+        "failed attempts",
+    )
+    job = node.status()[0]
+    assert job["state"] in ("ready", "running", "forwarding")
+    assert "PACS@127.0.0.1" in (job["last_error"] or "")
+    assert "PACS@127.0.0.1" in job["destinations"]["default"]["last_error"]
     time.sleep(max(0.0, 20 - 5))  # the destination stays down for ~20 s in all
     dest.start()
     try:
@@ -145,7 +151,8 @@ def test_failed_job_visible_and_retry_requeues(
     assert node.storescu(*map(str, make_series(tmp_path / "s", n=4, noise_sd=10))).returncode == 0
     wait_for(lambda: node.status()[0]["state"] == "failed", 60, "job to fail")
     job = node.status()[0]
-    assert job["attempts"] == 2 and job["denoised"] == 4 and job["delivered"] == 0
+    assert job["destinations"]["default"]["attempts"] == 2
+    assert job["denoised"] == 4 and job["delivered"] == 0
     dest.start()
     try:
         out = subprocess.run(

@@ -3,6 +3,7 @@ job whose worker went silent is requeued by the reaper (any worker runs it)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ class Claim:
     study_uid: str
     attempts: int
     worker: str
+    action: str = "denoise"  # denoise | pass
+    destinations: tuple[str, ...] = ("default",)
+    send_original: bool = False
 
 
 class Leases(Database):
@@ -40,7 +44,16 @@ class Leases(Database):
             row = conn.execute(queries.claim(worker, quiet_seconds, now, self.is_postgres)).first()
         if row is None:
             return None
-        return Claim(int(row.id), row.series_uid, row.study_uid, int(row.attempts), worker)
+        return Claim(
+            int(row.id),
+            row.series_uid,
+            row.study_uid,
+            int(row.attempts),
+            worker,
+            row.action,
+            tuple(json.loads(row.destinations)),
+            bool(row.send_original),
+        )
 
     def _held(
         self, conn: Connection, claim: Claim, to: JobState | None = None, **values: Any

@@ -18,9 +18,12 @@ from pacs_node.jobs.schema import (
     FINISHED,
     HELD,
     OPEN_SQL,
+    DeliveryState,
     InstanceState,
     JobState,
+    deliveries,
     instances,
+    job_destinations,
     jobs,
     sources,
 )
@@ -66,6 +69,12 @@ def _record_statements(insert: Any) -> dict[str, Any]:
             last_instance_at=now,
             attempts=0,
             next_attempt_at=0,
+            action=sa.bindparam("p_action"),
+            rule=sa.bindparam("p_rule"),
+            destinations=sa.bindparam("p_destinations"),
+            send_original=sa.bindparam("p_send_original"),
+            calling_ae=sa.bindparam("p_calling_ae"),
+            series_description=sa.bindparam("p_description"),
         )
         .returning(j.id)
     )
@@ -134,7 +143,9 @@ def claim(worker: str, quiet_seconds: float, now: float, skip_locked: bool) -> A
             attempts=j.attempts + 1,
             updated_at=now,
         )
-        .returning(j.id, j.series_uid, j.study_uid, j.attempts)
+        .returning(
+            j.id, j.series_uid, j.study_uid, j.attempts, j.action, j.destinations, j.send_original
+        )
     )
 
 
@@ -212,6 +223,23 @@ def requeue_failed(job_id: int, now: float) -> Any:
     )
 
 
+def destinations_of(job_id: int) -> Any:
+    return sa.select(job_destinations.c.destination).where(job_destinations.c.job_id == job_id)
+
+
+def retry_destinations(job_id: int, destination: str | None, now: float) -> Any:
+    """A job's destinations that gave up (or only ``destination``) are tried again."""
+    jd = job_destinations.c
+    where = [jd.job_id == job_id, jd.state == DeliveryState.FAILED.value]
+    if destination is not None:
+        where.append(jd.destination == destination)
+    return (
+        job_destinations.update()
+        .where(*where)
+        .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=0, updated_at=now)
+    )
+
+
 def undo_failed_instances(job_id: int) -> Any:
     """Failed instances that were never denoised go back to received."""
     return (
@@ -248,6 +276,61 @@ def job_list(job_id: int | None, limit: int) -> Any:
         .limit(limit)
     )
     return q if job_id is None else q.where(j.id == job_id)
+
+
+def job_destinations_of(ids: list[int]) -> Any:
+    jd = job_destinations.c
+    return sa.select(jd.job_id, jd.destination, jd.state, jd.attempts, jd.last_error).where(
+        jd.job_id.in_(ids)
+    )
+
+
+def _delivery_state() -> Any:
+    """A delivery's state for reports: pending at a destination that gave up counts failed."""
+    d, jd = deliveries.c, job_destinations.c
+    gave_up = sa.exists().where(
+        jd.job_id == i.job_id,
+        jd.destination == d.destination,
+        jd.state == DeliveryState.FAILED.value,
+    )
+    return sa.case(
+        (sa.and_(d.state == DeliveryState.PENDING.value, gave_up), DeliveryState.FAILED.value),
+        else_=d.state,
+    ).label("state")
+
+
+def delivery_counts(ids: list[int]) -> Any:
+    d = deliveries.c
+    state = _delivery_state()
+    return (
+        sa.select(i.job_id, d.destination, state, sa.func.count().label("n"))
+        .select_from(deliveries.join(instances, i.id == d.instance_id))
+        .where(i.job_id.in_(ids))
+        .group_by(i.job_id, d.destination, state)
+    )
+
+
+def delivery_totals() -> Any:
+    d = deliveries.c
+    state = _delivery_state()
+    return (
+        sa.select(d.destination, state, sa.func.count().label("n"))
+        .select_from(deliveries.join(instances, i.id == d.instance_id))
+        .group_by(d.destination, state)
+    )
+
+
+def last_destination_errors() -> Any:
+    jd = job_destinations.c
+    newest = (
+        sa.select(jd.destination, sa.func.max(jd.updated_at).label("at"))
+        .where(jd.last_error.is_not(None))
+        .group_by(jd.destination)
+        .subquery()
+    )
+    return sa.select(jd.destination, jd.last_error).join(
+        newest, sa.and_(newest.c.destination == jd.destination, newest.c.at == jd.updated_at)
+    )
 
 
 def jobs_by_state() -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any
@@ -27,15 +28,36 @@ class Recording(Database):
     only the new instances; the same SOPInstanceUID again replaces the earlier row."""
 
     def record_instance(
-        self, *, sop_uid: str, series_uid: str, study_uid: str, path: str, now: float | None = None
+        self,
+        *,
+        sop_uid: str,
+        series_uid: str,
+        study_uid: str,
+        path: str,
+        now: float | None = None,
+        action: str = "denoise",
+        rule: str | None = None,
+        destinations: tuple[str, ...] = ("default",),
+        send_original: bool = False,
+        calling_ae: str | None = None,
+        series_description: str | None = None,
     ) -> int:
-        """Record a stored instance and its series' job in one transaction; return the job id."""
+        """Record a stored instance and its series' job in one transaction; return the job id.
+
+        The routing (``action`` ... ``send_original``) and the header figures are kept when the
+        instance opens a job: a series is routed by its first instance."""
         params = {
             "p_sop": sop_uid,
             "p_series": series_uid,
             "p_study": study_uid,
             "p_path": path,
             "p_now": time.time() if now is None else now,
+            "p_action": action,
+            "p_rule": rule,
+            "p_destinations": json.dumps(list(destinations)),
+            "p_send_original": send_original,
+            "p_calling_ae": calling_ae,
+            "p_description": series_description,
         }
         for attempt in range(5):
             try:

@@ -15,7 +15,10 @@ A job is one round of one received series::
 state takes its allowed previous states from :data:`TRANSITIONS` (:func:`sources`), so a change
 the map does not allow matches no row.
 
-Instances have states of their own: received -> denoised -> delivered, or failed.
+Instances have states of their own: received -> denoised -> delivered (at every destination), or
+failed. Delivery is tracked per destination: ``job_destinations`` (a job at a destination: its
+attempts, back-off and last error) and ``deliveries`` (an instance's derived or original object
+at a destination), so one destination down never holds back the others.
 """
 
 from __future__ import annotations
@@ -37,8 +40,21 @@ class JobState(enum.StrEnum):
 class InstanceState(enum.StrEnum):
     RECEIVED = "received"
     DENOISED = "denoised"
-    DELIVERED = "delivered"
+    DELIVERED = "delivered"  # at every destination
     FAILED = "failed"
+
+
+class DeliveryState(enum.StrEnum):
+    """Of one instance at one destination, and of a job at one destination."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # the destination's max_attempts ran out (pacs-node retry requeues it)
+
+
+class Action(enum.StrEnum):
+    DENOISE = "denoise"  # derived series to the destinations (the original too: send_original)
+    PASS = "pass"  # the original series, unchanged
 
 
 S = JobState
@@ -92,6 +108,12 @@ jobs = sa.Table(
     sa.Column("model_version", sa.String(32)),
     sa.Column("quality", sa.Text),
     sa.Column("flagged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("action", sa.String(16), nullable=False, server_default="denoise"),
+    sa.Column("rule", sa.String(64)),
+    sa.Column("destinations", sa.Text, nullable=False, server_default='["default"]'),
+    sa.Column("send_original", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("series_description", sa.String(64)),
     sa.Index("ix_jobs_state", "state"),
     sa.Index("ix_jobs_series", "series_uid"),
     sa.Index(
@@ -118,4 +140,31 @@ instances = sa.Table(
     sa.Column("derived_path", sa.Text),
     sa.Column("last_error", sa.Text),
     sa.Index("ix_instances_job_state", "job_id", "state"),
+)
+
+job_destinations = sa.Table(
+    "job_destinations",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id"), nullable=False),
+    sa.Column("destination", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False, server_default="0"),
+    sa.Column("last_error", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("job_id", "destination", name="uq_job_destinations"),
+)
+
+deliveries = sa.Table(
+    "deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("instance_id", sa.Integer, sa.ForeignKey("instances.id"), nullable=False),
+    sa.Column("destination", sa.String(32), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # derived | original
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.UniqueConstraint("instance_id", "destination", "kind", name="uq_deliveries"),
+    sa.Index("ix_deliveries_destination_state", "destination", "state"),
 )

@@ -37,34 +37,10 @@ class StateChanges(Leases):
                 )
             )
 
-    def mark_delivered(self, claim: Claim, ids: list[int]) -> None:
-        if not ids:
-            return
-        now = time.time()
-        with self.transaction() as conn:
-            self._held(conn, claim, heartbeat_at=now)
-            conn.execute(queries.set_instances(ids, InstanceState.DELIVERED, now))
-
     def record_quality(self, claim: Claim, quality: str, flagged: bool) -> None:
         """The gate's figures (JSON) and whether they failed it but the series goes on."""
         with self.transaction() as conn:
             self._held(conn, claim, quality=quality, flagged=flagged)
-
-    def start_forwarding(self, claim: Claim) -> None:
-        with self.transaction() as conn:
-            self._held(conn, claim, JobState.FORWARDING)
-
-    def finish(self, claim: Claim) -> JobState:
-        """forwarding -> done, or -> ready when instances arrived meanwhile."""
-        with self.transaction() as conn:
-            left = conn.execute(
-                queries.count_instances_in(claim.job_id, InstanceState.RECEIVED)
-            ).scalar_one()
-            state = JobState.READY if left else JobState.DONE
-            self._held(
-                conn, claim, state, worker=None, attempts=0, last_error=None, next_attempt_at=0
-            )
-        return state
 
     def defer(self, claim: Claim, error: str, delay: float, max_attempts: int) -> JobState:
         """After a retryable error: back to ready after ``delay``, or failed at max_attempts."""
@@ -84,11 +60,13 @@ class StateChanges(Leases):
         with self.transaction() as conn:
             self._held(conn, claim, JobState.FAILED, worker=None, last_error=error[:2000], **values)
 
-    def retry(self, job_id: int) -> str | None:
-        """A failed job back to ready with its attempts reset (``pacs-node retry``).
+    def retry(self, job_id: int, destination: str | None = None) -> str | None:
+        """A failed job back to ready with its attempts reset (``pacs-node retry``): every
+        destination that gave up, or only ``destination``, is tried again; what was delivered
+        is not sent again.
 
-        Returns None on success, else why not (not failed, unknown, or the series has a newer
-        open round: retry once that one is finished).
+        Returns None on success, else why not (not failed, unknown, the destination is not the
+        job's, or the series has a newer open round: retry once that one is finished).
         """
         with self.transaction() as conn:
             row = conn.execute(queries.job_state(job_id)).first()
@@ -102,6 +80,12 @@ class StateChanges(Leases):
                     f"job {job_id}: its series has an open job {open_job}; "
                     "retry when that one is done"
                 )
+            if destination is not None:
+                names = conn.execute(queries.destinations_of(job_id)).scalars().all()
+                if destination not in names:
+                    known = ", ".join(names) or "none yet"
+                    return f"job {job_id} has no destination {destination!r} (it has: {known})"
             conn.execute(queries.requeue_failed(job_id, time.time()))
             conn.execute(queries.undo_failed_instances(job_id))
+            conn.execute(queries.retry_destinations(job_id, destination, time.time()))
         return None

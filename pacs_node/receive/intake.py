@@ -15,10 +15,12 @@ from typing import Any, cast
 from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 
+from pacs_node.config import RuleConfig, default_rules
 from pacs_node.jobs import JobStore
 from pacs_node.metrics import Metrics
 from pacs_node.receive.incoming import Incoming
 from pacs_node.receive.rules import Refused
+from pacs_node.route.rules import Decision
 from pacs_node.status import Status, describe
 from pacs_node.storage import Storage, valid_uid
 
@@ -28,10 +30,19 @@ logger = logging.getLogger(__name__)
 class Intake:
     """Handles C-STORE requests for one node; counts per association for the audit line."""
 
-    def __init__(self, storage: Storage, jobs: JobStore, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        jobs: JobStore,
+        metrics: Metrics | None = None,
+        rules: tuple[RuleConfig, ...] | None = None,
+        destinations: tuple[str, ...] = ("default",),
+    ) -> None:
         self.storage = storage
         self.jobs = jobs
         self.metrics = metrics
+        self.rules = default_rules() if rules is None else rules
+        self.destinations = destinations
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
 
@@ -43,12 +54,25 @@ class Intake:
         self, assoc: Any, sop_class: str, transfer_syntax: str, affected_uid: str
     ) -> Incoming:
         caller = str(assoc.requestor.ae_title).strip()
-        return Incoming(self, id(assoc), caller, sop_class, transfer_syntax, affected_uid)
+        peer = str(assoc.requestor.address)
+        return Incoming(self, id(assoc), caller, peer, sop_class, transfer_syntax, affected_uid)
 
     def stored(self, incoming: Incoming) -> int:
         self._count(incoming.assoc_key, "stored")
         if self.metrics:
             self.metrics.received.inc()
+        return int(Status.SUCCESS)
+
+    def ignored(self, incoming: Incoming, route: Decision) -> int:
+        self._count(incoming.assoc_key, "ignored")
+        if self.metrics:
+            self.metrics.ignored.inc()
+        logger.info(
+            "C-STORE from %s: SOP instance %s ignored by rule %r (answered Success, kept nothing)",
+            incoming.caller,
+            incoming.affected,
+            route.rule,
+        )
         return int(Status.SUCCESS)
 
     def refused(self, incoming: Incoming, r: Refused) -> int:
@@ -95,12 +119,13 @@ class Intake:
             self.metrics.associations.labels(outcome).inc()
         refused = sum(v for k, v in counts.items() if k.startswith("refused"))
         logger.info(
-            "association from %s (%s:%s) %s: %d stored, %d refused",
+            "association from %s (%s:%s) %s: %d stored, %d ignored, %d refused",
             str(rq.ae_title).strip(),
             rq.address,
             rq.port,
             outcome,
             counts["stored"],
+            counts["ignored"],
             refused,
         )
 

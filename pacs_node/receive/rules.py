@@ -1,4 +1,5 @@
-"""What the node accepts: transfer syntaxes, SOP class, and the checks on a CT instance's header.
+"""What the node accepts: transfer syntaxes, and the checks on an instance's header (any stored
+instance; more for one to be denoised). Which SOP classes it takes is the routing rules' call.
 
 Each refusal carries the DIMSE status to answer and a reason for the log line.
 """
@@ -6,7 +7,7 @@ Each refusal carries the DIMSE status to answer and a reason for the log line.
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
 from pacs_node.status import Status
 from pacs_node.storage import valid_uid
@@ -34,26 +35,18 @@ class Refused(Exception):
         self.reason = reason
 
 
-def check_sop_class(sop_class: str) -> None:
-    """Raise Refused unless the presentation context is CT Image Storage."""
-    if sop_class == EnhancedCTImageStorage:
-        raise Refused(
-            Status.SOP_CLASS_NOT_SUPPORTED,
-            "Enhanced CT (multi-frame) is not supported yet; send CT Image Storage",
-        )
-    if sop_class != CTImageStorage:
-        raise Refused(
-            Status.SOP_CLASS_NOT_SUPPORTED, f"SOP class {sop_class} is not CT Image Storage"
-        )
+def _uid_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid
 
 
-def validate(
-    ds: Dataset, sop_class: str, affected_uid: str, has_pixel_data: bool
-) -> tuple[str, str, str]:
-    """(study, series, sop instance) UIDs of an acceptable CT instance, else raise Refused.
+def refuse_unrouted(sop_class: str, why: str = "no rule routes it") -> Refused:
+    return Refused(Status.SOP_CLASS_NOT_SUPPORTED, f"{_uid_name(sop_class)}: {why}")
 
-    ``ds`` is the data set up to its pixel data; ``has_pixel_data`` whether PixelData follows."""
-    check_sop_class(sop_class)
+
+def validate(ds: Dataset, sop_class: str, affected_uid: str) -> tuple[str, str, str]:
+    """(study, series, sop instance) UIDs of an instance the node may store, else raise
+    Refused. ``ds`` is the data set up to its pixel data."""
     if ds.get("SOPClassUID") != sop_class:
         raise Refused(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -72,6 +65,20 @@ def validate(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "SOPInstanceUID differs from the request's Affected SOP Instance UID",
         )
+    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]
+
+
+def check_denoisable(ds: Dataset, sop_class: str, has_pixel_data: bool, rule: str) -> None:
+    """Raise Refused unless the instance is one the worker can denoise: a single-frame CT
+    image with its pixel data."""
+    if sop_class == EnhancedCTImageStorage:
+        raise refuse_unrouted(
+            sop_class, f"rule {rule!r} says denoise; Enhanced CT (multi-frame) cannot be yet"
+        )
+    if sop_class != CTImageStorage:
+        raise refuse_unrouted(
+            sop_class, f"rule {rule!r} says denoise; only CT Image Storage can be denoised"
+        )
     if ds.get("Modality") != "CT":
         raise Refused(
             Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"Modality {ds.get('Modality')!r} is not CT"
@@ -79,6 +86,7 @@ def validate(
     for key in ("Rows", "Columns"):
         if not ds.get(key):
             raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, f"{key} is missing or zero")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "multi-frame CT cannot be denoised")
     if not has_pixel_data:
         raise Refused(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, "PixelData is missing")
-    return uids["StudyInstanceUID"], uids["SeriesInstanceUID"], uids["SOPInstanceUID"]

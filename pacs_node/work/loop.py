@@ -13,7 +13,7 @@ import time
 
 from pacs_node.config import Config
 from pacs_node.errors import PermanentError
-from pacs_node.jobs import Claim, JobState, JobStore, LostClaim
+from pacs_node.jobs import Action, Claim, JobState, JobStore, LostClaim
 from pacs_node.metrics import Metrics
 from pacs_node.storage import Storage
 from pacs_node.work.dispatch import Dispatcher
@@ -40,8 +40,10 @@ class Worker:
         self.config, self.jobs, self.storage = config, jobs, storage
         self.denoiser, self.metrics = denoiser, metrics
         self.series = SeriesProcessor(config, jobs, storage, denoiser, metrics)
-        self.dispatcher = Dispatcher(config.destination, jobs, metrics)
-        d = config.destination
+        self.dispatcher = Dispatcher(config, jobs, metrics)
+        # a job whose processing failed for a passing reason (job table, disk) is retried with
+        # the back-off of its first destination
+        d = config.destination[0]
         self.retry = RetryPolicy(
             d.retry_backoff_seconds, d.retry_backoff_max_seconds, d.max_attempts
         )
@@ -90,15 +92,21 @@ class Worker:
                 claim.attempts,
                 extra=log,
             )
-            quality = self.series.denoise(claim, self.stopping, self.name)
-            if quality is not None and not self._gate(claim, quality):
-                return
+            if claim.action == Action.DENOISE:
+                quality = self.series.denoise(claim, self.stopping, self.name)
+                if quality is not None and not self._gate(claim, quality):
+                    return
             self.jobs.start_forwarding(claim)
             self.dispatcher.deliver(claim)
-            state = self.jobs.finish(claim)
+            state, due = self.jobs.settle(claim)
             if state == JobState.DONE and self.config.storage.keep_days <= 0:
                 self.jobs.remove_delivered(self.storage, claim)
-            logger.info("job %d: %s", claim.job_id, state.value, extra=log)
+            if state == JobState.READY and due > time.time():
+                logger.info(
+                    "job %d: a destination retries in %.0f s", claim.job_id, due - time.time()
+                )
+            else:
+                logger.info("job %d: %s", claim.job_id, state.value, extra=log)
         except Interrupted:
             with contextlib.suppress(LostClaim):
                 self.jobs.release(claim)
@@ -117,8 +125,6 @@ class Worker:
             return
         try:
             if outcome is Outcome.RETRY:
-                if self.metrics:
-                    self.metrics.forward_failures.inc()
                 delay = self.retry.delay(claim.attempts)
                 state = self.jobs.defer(claim, str(err), delay, self.retry.max_attempts)
                 if state == JobState.FAILED:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the node into ./.venv on a Debian machine (run as root, or with sudo rights for apt).
 #   ./install.sh          the node and what it needs to run (DCMTK for the demo's sender)
-#   ./install.sh --test   also what the test suite drives: Orthanc, dicom3tools, GDCM, PostgreSQL,
-#                         Chromium, pytest, ruff, mypy
+#   ./install.sh --test   also what the test suite drives: Orthanc (with DICOMweb), dicom3tools,
+#                         GDCM, PostgreSQL, Chromium, pytest, ruff, mypy
 # Without an NVIDIA GPU it installs the CPU build of torch, never the multi-GB CUDA one.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -12,7 +12,7 @@ with_test=0
 
 apt_packages=(dcmtk)
 if ((with_test)); then
-    apt_packages+=(orthanc dicom3tools libgdcm-tools openssl postgresql chromium)
+    apt_packages+=(orthanc orthanc-dicomweb dicom3tools libgdcm-tools openssl postgresql chromium)
 fi
 missing=()
 for p in "${apt_packages[@]}"; do

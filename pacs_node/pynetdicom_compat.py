@@ -10,6 +10,10 @@ Two changes, both for speed, both optional (pynetdicom's own paths serve without
   DIMSE message or an ACSE primitive is queued for it. Every wait is bounded (50 ms), so timers
   and kill flags are still seen. It also closes a race in which the reactor steals a response
   meant for a sender on the same association (pynetdicom issues #435, #875).
+* **A say in accepting associations.** :func:`set_acceptance` gives an AE a check of the
+  calling AE title and the peer's address, run where pynetdicom checks the calling AE title; a
+  refusal is answered with the same A-ASSOCIATE-RJ (rejected-permanent, service-user, calling AE
+  title not recognised).
 * **Streamed P-DATA.** While an association of an AE given to :func:`attach` is established
   (Sta6), its DUL thread reads each P-DATA-TF PDU whole and hands it to a router
   (:mod:`pacs_node.receive.stream`) instead of pynetdicom's state machine; every other PDU and
@@ -72,10 +76,14 @@ PRIVATE: dict[str, tuple[str, ...]] = {
         "assoc",
     ),
     "DIMSEServiceProvider": ("msg_queue", "get_msg", "receive_primitive"),
+    "ACSE": ("_negotiate_as_acceptor", "send_reject", "requestor", "assoc"),
 }
 
 _originals: dict[tuple[Any, str], Any] = {}
 _routers: weakref.WeakKeyDictionary[Any, Callable[[Any], Router]] = weakref.WeakKeyDictionary()
+# AE -> check(calling AE title, peer address) -> why the association is refused, or None
+Acceptance = Callable[[str, str], "str | None"]
+_acceptance: weakref.WeakKeyDictionary[Any, Acceptance] = weakref.WeakKeyDictionary()
 
 
 class Router(Protocol):
@@ -105,6 +113,7 @@ def problems() -> list[str]:
         "Association": sample,
         "DULServiceProvider": sample.dul,
         "DIMSEServiceProvider": sample.dimse,
+        "ACSE": sample.acse,
     }
     missing = []
     for owner, names in PRIVATE.items():
@@ -132,10 +141,13 @@ def install() -> bool:
             "pynetdicom patches not installed (%s); its own, slower paths serve", "; ".join(found)
         )
         return False
-    from pynetdicom import association, dul
+    from pynetdicom import acse, association, dul
 
     provider = dul.DULServiceProvider
     _patch(association.Association, "__init__", _patched_init(association.Association.__init__))
+    _patch(
+        acse.ACSE, "_negotiate_as_acceptor", _patched_negotiate(acse.ACSE._negotiate_as_acceptor)
+    )
     _patch(dul, "time", _SHIM)
     _patch(association, "time", _SHIM)
     _patch(provider, "_read_pdu_data", _patched_read(provider._read_pdu_data))
@@ -171,6 +183,15 @@ def attach(ae: Any, router: Callable[[Any], Router]) -> bool:
     if not install():
         return False
     _routers[ae] = router
+    return True
+
+
+def set_acceptance(ae: Any, check: Acceptance) -> bool:
+    """Let ``check(calling AE title, peer address)`` refuse associations to ``ae`` (it returns
+    the reason, or None to go on). False where the patches are not installed."""
+    if not install():
+        return False
+    _acceptance[ae] = check
     return True
 
 
@@ -317,6 +338,33 @@ def _patched_init(original: Callable[..., None]) -> Callable[..., None]:
         dimse.get_msg = guarded_get_msg
 
     return __init__
+
+
+# -- acceptance -----------------------------------------------------------------------------------
+def _patched_negotiate(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    from pynetdicom import evt
+
+    def _negotiate_as_acceptor(self: Any) -> None:
+        check = _acceptance.get(self.assoc.ae)
+        if check is not None:
+            rq = self.requestor.primitive
+            calling = str(rq.calling_ae_title).strip()
+            why = check(calling, str(self.requestor.address))
+            if why is not None:
+                self.requestor.ae_title = rq.calling_ae_title
+                self.assoc._ldct_refusal = why  # for the EVT_REJECTED log line
+                self.send_reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title
+                evt.trigger(self.assoc, evt.EVT_REJECTED, {})
+                self.assoc.kill()
+                return
+        original(self)
+
+    return _negotiate_as_acceptor
+
+
+def refusal(assoc: Any) -> str | None:
+    """Why an acceptance check refused this association (None: it did not)."""
+    return getattr(assoc, "_ldct_refusal", None)
 
 
 # -- streamed P-DATA ----------------------------------------------------------------------------

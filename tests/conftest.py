@@ -233,3 +233,15 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/jobs.sqlite"
     server = request.getfixturevalue("postgres")
     return str(server.create_db(f"t{abs(hash(str(tmp_path))) % 10**9}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small, untrained, identity-initialised generator: fast, for pipeline mechanics."""
+    from unit_model import checkpoint as ckpt
+    from unit_model.networks import GeneratorConfig, UnitGenerator
+    from unit_model.transforms import HUWindow
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ckpt.save(path, UnitGenerator(GeneratorConfig(filters=4, residual_output=True)), HUWindow())
+    return path

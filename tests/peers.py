@@ -15,14 +15,21 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from tests.conftest import dcmtk_env, free_port, port_open, wait_for
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
 
 class Orthanc:
-    def __init__(self, tmp: Path, aet: str = "PACS") -> None:
+    """Orthanc on loopback ports; with ``dicomweb`` its DICOMweb plugin (Debian's
+    orthanc-dicomweb) serves STOW-RS at ``http://127.0.0.1:<http>/dicom-web``."""
+
+    def __init__(self, tmp: Path, aet: str = "PACS", dicomweb: bool = False) -> None:
         self.exe = shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
         if self.exe is None:
             raise AssertionError("Orthanc is not installed: run ./install.sh --test")
+        if dicomweb and not DICOMWEB_PLUGIN.exists():
+            raise AssertionError("orthanc-dicomweb is not installed: run ./install.sh --test")
         self.dir = tmp / "orthanc"
-        self.dir.mkdir()
+        self.dir.mkdir(parents=True)
         self.port, self.http = free_port(), free_port()
         self.aet = aet
         cfg = {
@@ -35,7 +42,8 @@ class Orthanc:
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "DicomCheckCalledAet": True,
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+            "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
             "DicomAlwaysAllowStore": True,
             "HttpServerEnabled": True,
             "ConcurrentJobs": 1,
@@ -72,6 +80,13 @@ class Orthanc:
 
     def instance_count(self) -> int:
         return len(self.get("/instances"))
+
+    def by_sop_uid(self) -> dict[str, str]:
+        """SOP Instance UID -> Orthanc's instance id, for every stored instance."""
+        return {
+            self.get(f"/instances/{i}/simplified-tags")["SOPInstanceUID"]: i
+            for i in self.get("/instances")
+        }
 
 
 class RecordingSCP:

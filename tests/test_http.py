@@ -7,12 +7,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import make_series, wait_for
+from tests.conftest import free_port, make_series, wait_for
 from tests.peers import RecordingSCP
 from tests.pg import PostgresServer
-from tests.test_worker import MECHANICS, node_config, tiny_checkpoint  # noqa: F401 - fixture
+from tests.test_worker import MECHANICS, node_config
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
@@ -36,7 +37,7 @@ def samples(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def test_metrics_move_when_a_series_is_processed(
     tmp_path: Path,
     node_factory,
-    tiny_checkpoint: Path,  # noqa: F811
+    tiny_checkpoint: Path,
 ) -> None:
     dest = RecordingSCP().start()
     try:
@@ -105,14 +106,14 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
     "--hide-scrollbars",
-    "--window-size=1400,700",
+    "--window-size=1280,800",
 ]
 
 
 def test_status_page_renders_in_chromium_with_jobs_and_thumbnails(
     tmp_path: Path,
     node_factory,
-    tiny_checkpoint: Path,  # noqa: F811
+    tiny_checkpoint: Path,
 ) -> None:
     import subprocess
 
@@ -142,8 +143,13 @@ def test_status_page_renders_in_chromium_with_jobs_and_thumbnails(
         )
         assert dom.returncode == 0, dom.stderr[-2000:]
         job = node.status()[0]
-        assert f"<td>{job['id']}</td>" in dom.stdout and job["series_uid"] in dom.stdout
-        assert "done" in dom.stdout and f"/thumbs/{job['id']}.png" in dom.stdout
+        page = dom.stdout
+        assert f"<td>{job['id']}</td>" in page and f'title="{job["series_uid"]}"' in page
+        assert "done" in page and f"/thumbs/{job['id']}.png" in page
+        # what an admin looks for: description, sender, model, and the destination's count
+        for shown in ("Low Dose Images", "STORESCU", job["model_version"], "default 6/6"):
+            assert shown in page, shown
+        assert '<meta http-equiv="refresh"' in page
         shot = tmp_path / "status.png"
         subprocess.run(
             [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}", url],
@@ -152,8 +158,39 @@ def test_status_page_renders_in_chromium_with_jobs_and_thumbnails(
             check=True,
         )
         img = np.asarray(Image.open(shot).convert("L"))
-        assert img.shape[1] == 1400
-        # the thumbnail (a CT slice) makes mid-grey pixels that text on white does not
-        assert ((img > 40) & (img < 200)).mean() > 0.005
+        assert img.shape[1] == 1280
+        # The before/after thumbnail (a CT slice) makes mid-grey pixels that text on white does
+        # not; in a 1280-pixel window its column lies whole inside the page's right part.
+        grey = (img > 40) & (img < 200)
+        assert grey[:, 930:1140].mean() > 0.01 and grey[:, 1140:].mean() < grey[:, 930:1140].mean()
     finally:
         dest.stop()
+
+
+def test_off_loopback_the_status_page_needs_a_token(
+    node_factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It shows patient images: with http.bind off loopback the node refuses to start without a
+    token, and with one the page and thumbnails need it while /metrics and /healthz do not."""
+    port = free_port()
+    open_bind = f'[http]\nbind = "0.0.0.0"\nport = {port}\n'
+    refused = node_factory(open_bind).start(wait=False)
+    assert refused.proc is not None and refused.proc.wait(60) != 0
+    assert "http.token_env" in refused.log()
+    monkeypatch.setenv("PACS_TEST_HTTP_TOKEN", "s3cret")
+    node = node_factory(open_bind + 'token_env = "PACS_TEST_HTTP_TOKEN"\n')
+    node.http_port = port
+    node.start()
+    assert get(port, "/")[0] == 401 and get(port, "/thumbs/1.png")[0] == 401
+    assert get(port, "/metrics")[0] == 200 and get(port, "/healthz")[0] == 200
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/", headers={"Authorization": "Bearer s3cret"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        assert r.status == 200 and b"pacs-node" in r.read()
+    wrong = urllib.request.Request(
+        f"http://127.0.0.1:{port}/", headers={"Authorization": "Bearer guess"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert err.value.code == 401

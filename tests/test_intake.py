@@ -74,8 +74,11 @@ def test_hand_encoded_file_meta_equals_pydicoms(sop_uid: str) -> None:
     assert part10_header(ct, sop_uid, ts) == b"\0" * 128 + b"DICM" + fp.getvalue()
 
 
-def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) -> None:
-    node = node_factory().start()
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, list[Path]], Path]:
+    """Series in each accepted transfer syntax (DCMTK and GDCM made them), and a storescu
+    configuration that offers one CT context per syntax, so each travels as it is."""
+    tmp_path = tmp_path_factory.mktemp("syntaxes")
     dcmconv = require_tool("dcmconv")
     plain = make_series(tmp_path / "plain", n=50, size=64, seed=1)
     variants = {
@@ -121,14 +124,26 @@ def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) ->
         f"[[TransferSyntaxes]]\n{groups}[[PresentationContexts]]\n[CT]\n{contexts}"
         "[[Profiles]]\n[CT]\nPresentationContexts = CT\n"
     )
+    return variants, scu_cfg
+
+
+def _send_each(node: NodeProcess, variants: dict[str, list[Path]], scu_cfg: Path) -> None:
     for ts, files in variants.items():
         assert pydicom.dcmread(files[0]).file_meta.TransferSyntaxUID == ts
         # One CT context per accepted syntax: each file travels in its own transfer syntax.
         res = node.storescu(*map(str, files), opts=("-xf", str(scu_cfg), "CT"))
         assert res.returncode == 0, (ts, res.stderr)
+
+
+def test_each_transfer_syntax_is_stored_as_sent(
+    node_factory, variants: tuple[dict[str, list[Path]], Path]
+) -> None:
+    node = node_factory().start()
+    _send_each(node, *variants)
+    variants_, _ = variants
     stored = {pydicom.dcmread(p).SOPInstanceUID: p for p in stored_files(node)}
     assert len(stored) == 330
-    for ts, files in variants.items():
+    for ts, files in variants_.items():
         for f in files[::7]:
             sent = pydicom.dcmread(f)
             got = pydicom.dcmread(stored[sent.SOPInstanceUID])
@@ -138,6 +153,45 @@ def test_each_transfer_syntax_is_stored_as_sent(tmp_path: Path, node_factory) ->
     assert len(jobs) == 9
     assert sorted(j["received"] for j in jobs) == [10] * 3 + [50] * 6
     assert len({j["series_uid"] for j in jobs}) == 9
+
+
+def test_every_accepted_transfer_syntax_is_denoised_and_delivered(
+    node_factory, variants: tuple[dict[str, list[Path]], Path], tiny_checkpoint: Path
+) -> None:
+    """Big endian included: the derived instances are written little endian whatever the
+    source's syntax, and all of them reach the destination; the node's own output, sent back,
+    is refused rather than denoised again."""
+    from tests.peers import RecordingSCP
+    from tests.test_worker import MECHANICS, node_config
+
+    dest = RecordingSCP().start()
+    try:
+        node = node_factory(node_config(dest.port, tiny_checkpoint, MECHANICS), workers=1)
+        node.start()
+        _send_each(node, *variants)
+        wait_for(
+            lambda: len(dest.received) == 330 and all(j["state"] == "done" for j in node.status()),
+            240,
+            "every series denoised and delivered",
+        )
+        sent = {
+            str(pydicom.dcmread(f).SOPInstanceUID): ts
+            for ts, files in variants[0].items()
+            for f in files
+        }
+        for ds in dest.received.values():
+            assert ds.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+            assert str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID) in sent
+        assert {j["failed"] for j in node.status()} == {0}
+        back = node.tmp / "back"
+        back.mkdir()
+        ours = next(iter(dest.received.values()))
+        ours.save_as(back / "derived.dcm", enforce_file_format=True)
+        again = node.storescu(str(back / "derived.dcm"))
+        assert "0x0122" in again.stderr + again.stdout or again.returncode != 0
+        assert "own output is never denoised again" in node.log()
+    finally:
+        dest.stop()
 
 
 def test_unknown_caller_and_wrong_called_ae_are_rejected(tmp_path: Path, node_factory) -> None:

@@ -12,7 +12,7 @@ import pytest
 from pacs_node.jobs import JobStore
 from tests.conftest import make_series, wait_for
 from tests.peers import RecordingSCP
-from tests.test_worker import MECHANICS, node_config, tiny_checkpoint  # noqa: F401 - fixture
+from tests.test_worker import MECHANICS, node_config
 
 
 class CountingSCP(RecordingSCP):
@@ -44,7 +44,7 @@ def test_two_nodes_three_workers_deliver_every_series_once(
     tmp_path: Path,
     node_factory,
     postgres,
-    tiny_checkpoint: Path,  # noqa: F811
+    tiny_checkpoint: Path,
 ) -> None:
     url = postgres.create_db("scaleout")
     data = tmp_path / "shared-data"
@@ -88,7 +88,7 @@ def test_killed_worker_job_finished_by_another(
     tmp_path: Path,
     node_factory,
     postgres,
-    tiny_checkpoint: Path,  # noqa: F811
+    tiny_checkpoint: Path,
 ) -> None:
     url = postgres.create_db("killworker")
     data = tmp_path / "shared-data"

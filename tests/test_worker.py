@@ -13,17 +13,6 @@ import pytest
 from pacs_node.work.dicom_io import derive, derived_uid, read_hu
 from tests.conftest import BIN, NodeProcess, make_series, wait_for
 from tests.peers import RecordingSCP
-from unit_model import checkpoint as ckpt
-from unit_model.networks import GeneratorConfig, UnitGenerator
-from unit_model.transforms import HUWindow
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small, untrained, identity-initialised generator: fast, for pipeline mechanics."""
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ckpt.save(path, UnitGenerator(GeneratorConfig(filters=4, residual_output=True)), HUWindow())
-    return path
 
 
 def node_config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -26,11 +27,35 @@ def handle_echo(event: evt.Event) -> int:
     return Status.SUCCESS
 
 
+def address_check(node: NodeConfig) -> compat.Acceptance:
+    """Refuses an allowed calling AE title calling from outside the networks it is bound to
+    (``"CT1@10.2.0.0/24"`` in node.allowed_calling_ae_titles)."""
+    callers = node.callers
+
+    def check(calling: str, address: str) -> str | None:
+        networks = callers.get(calling, ())
+        if not networks:
+            return None
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            ip = None
+        if ip is not None and any(ip in net for net in networks):
+            return None
+        where = ", ".join(str(n) for n in networks)
+        return f"calling AE title {calling!r} may call only from {where}, not from {address}"
+
+    return check
+
+
 def handle_rejected(event: evt.Event, node: NodeConfig) -> None:
     rq = event.assoc.requestor
     called = str(getattr(rq.primitive, "called_ae_title", "?")).strip()
     calling = str(rq.ae_title).strip()
-    if not node.accepts_any_caller and calling not in node.allowed_calling_ae_titles:
+    bound = compat.refusal(event.assoc)
+    if bound is not None:
+        reason = bound
+    elif not node.accepts_any_caller and calling not in node.callers:
         reason = "calling AE title not in node.allowed_calling_ae_titles"
     elif called != node.ae_title:
         reason = f"called AE title is not {node.ae_title!r}"
@@ -83,7 +108,13 @@ class StorageSCP:
         self.ae.dimse_timeout = node.network_timeout_seconds
         self.ae.require_called_aet = True
         if not node.accepts_any_caller:
-            self.ae.require_calling_aet = list(node.allowed_calling_ae_titles)
+            self.ae.require_calling_aet = list(node.callers)
+        self._check_address = address_check(node)
+        # A title bound to addresses: refused at negotiation where the patches serve; else
+        # (pynetdicom's own path) aborted as soon as it is accepted, before any data.
+        self.binds = any(node.callers.values()) and not compat.set_acceptance(
+            self.ae, self._check_address
+        )
         self.ae.add_supported_context(VERIFICATION)
         if storage_syntaxes:
             # Every storage SOP class is accepted at negotiation so that a non-CT instance gets a
@@ -91,12 +122,20 @@ class StorageSCP:
             for cx in AllStoragePresentationContexts:
                 self.ae.add_supported_context(str(cx.abstract_syntax), storage_syntaxes)
         self._handlers = [
+            *([(evt.EVT_ACCEPTED, self._abort_unbound)] if self.binds else []),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, compat.set_nodelay),
             (evt.EVT_REJECTED, handle_rejected, [node]),
             *(handlers or []),
         ]
         self.server: ThreadedAssociationServer | None = None
+
+    def _abort_unbound(self, event: evt.Event) -> None:
+        rq = event.assoc.requestor
+        why = self._check_address(str(rq.ae_title).strip(), str(rq.address))
+        if why is not None:
+            logger.warning("association aborted: %s", why)
+            event.assoc.abort()
 
     def start(self) -> None:
         self.server = self.ae.start_server(

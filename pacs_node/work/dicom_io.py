@@ -98,7 +98,9 @@ def derive(
     now: datetime.datetime | None = None,
 ) -> Dataset:
     """The denoised counterpart of ``source`` holding ``hu``: same patient, study and geometry;
-    a new series; DERIVED\\SECONDARY with its provenance; Explicit VR Little Endian.
+    a new series; DERIVED\\SECONDARY with its provenance; Explicit VR Little Endian whatever
+    the source's transfer syntax (write it with ``pydicom.dcmwrite``, which converts a
+    big-endian source's other elements).
 
     ``model_version`` is what the UIDs derive from and the provenance names (with the strength
     when it is not 1, see ``Denoiser.version_label``); ``strength`` is added to the series

@@ -184,7 +184,9 @@ class SeriesProcessor:
     ) -> tuple[int, str, str]:
         ds = derive_output(self.config, self.denoiser, source, hu)
         buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
+        # dcmwrite, not save_as: it converts a big-endian source to the derived instance's
+        # little-endian syntax (save_as refuses to)
+        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
         path = self.storage.derived_path(claim.job_id, str(ds.SOPInstanceUID))
         self.storage.write_atomic(path, buf.getvalue())
         return iid, str(ds.SOPInstanceUID), str(path)
@@ -222,6 +224,6 @@ def denoise_folder(
                 d = derive_output(config, denoiser, src, res)
                 target = out_dir / str(d.SeriesInstanceUID) / f"{d.SOPInstanceUID}.dcm"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                d.save_as(target, enforce_file_format=True)
+                pydicom.dcmwrite(target, d, enforce_file_format=True)
         results[series] = (len(items), quality.figures())
     return results

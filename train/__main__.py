@@ -406,6 +406,14 @@ def evaluate(
         "runs/eval"
     ),
     max_slices: Annotated[int | None, typer.Option(help="middle slices per series")] = None,
+    record: Annotated[
+        Path | None,
+        typer.Option(
+            help="a JSON record (e.g. the one beside shipped weights) to add this set's strengths "
+            "and figures to, under --as"
+        ),
+    ] = None,
+    as_: Annotated[str, typer.Option("--as", help="the set's name in --record")] = "test",
     device: str = "auto",
 ) -> None:
     """Score the low-dose input, tuned classical baselines and checkpoints against the regular
@@ -461,7 +469,17 @@ def evaluate(
             indent=2,
         )
     )
-    evaluate_pairs(matched, methods, out, max_slices=max_slices, settings=described)
+    results = evaluate_pairs(matched, methods, out, max_slices=max_slices, settings=described)
+    if record is not None:
+        kept = json.loads(record.read_text()) if record.exists() else {"sets": {}}
+        kept.setdefault("sets", {})[as_] = {
+            "data": str(data or f"{low_dose} + {full_dose}"),
+            "tuned": tuned_on,
+            "strengths": strengths,
+            "settings": described,
+            "overall": results["overall"],
+        }
+        record.write_text(json.dumps(kept, indent=2) + "\n")
     typer.echo((out / "evaluation.md").read_text())
     typer.echo(f"baselines {tuned_on}; montages and table in {out}")
 

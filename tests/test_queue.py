@@ -265,3 +265,52 @@ def test_failed_job_retry_and_new_round(database_url: str) -> None:
     assert q.retry(rows[1].id) is None
     assert q.list_jobs(job_id=rows[1].id)[0].state == JobState.READY
     assert "does not exist" in str(q.retry(999))
+
+
+def test_migration_carries_jobs_of_the_one_destination_over(tmp_path: Path) -> None:
+    """A job table from before routing (revision 0001): upgraded, a delivered job counts as
+    delivered at "default" and a job that was forwarding has what it had left pending there."""
+    from alembic import command
+    from alembic.config import Config as AlembicConfig
+
+    url = f"sqlite:///{tmp_path}/old.sqlite"
+    q = JobStore(url)
+    cfg = AlembicConfig()
+    cfg.set_main_option(
+        "script_location", str(Path(__file__).parents[1] / "pacs_node/jobs/migrations")
+    )
+    with q.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with q.engine.begin() as conn:
+        for job, state in ((1, "done"), (2, "forwarding")):
+            conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (id, series_uid, study_uid, round, state, created_at, "
+                    "updated_at, last_instance_at, attempts, next_attempt_at, flagged) "
+                    f"VALUES ({job}, '1.2.{job}', '1.2', 1, '{state}', 0, 0, 0, 0, 0, 0)"
+                )
+            )
+        rows = [(1, 1, "delivered"), (2, 2, "delivered"), (3, 2, "denoised")]
+        for iid, job, state in rows:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO instances (id, job_id, sop_instance_uid, series_uid, path, state, "
+                    "received_at, updated_at, derived_path) VALUES "
+                    f"({iid}, {job}, '1.2.{job}.{iid}', '1.2.{job}', 'in{iid}', '{state}', 0, 0, "
+                    f"'out{iid}')"
+                )
+            )
+    q.migrate()
+    jobs = {j.id: j for j in q.list_jobs()}
+    assert jobs[1].destinations["default"] | {"attempts": 0} == {
+        "state": "delivered",
+        "attempts": 0,
+        "last_error": None,
+        "delivered": 1,
+        "pending": 0,
+        "failed": 0,
+    }
+    assert jobs[2].destinations["default"]["delivered"] == 1
+    assert jobs[2].destinations["default"]["pending"] == 1
+    assert jobs[2].action == "denoise" and jobs[2].state == "forwarding"

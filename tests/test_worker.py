@@ -144,11 +144,11 @@ def test_failed_job_visible_and_retry_requeues(
     assert job["denoised"] == 4 and job["delivered"] == 0
     dest.start()
     try:
+        retry = [str(BIN / "pacs-node"), "retry", str(job["id"]), "--config", str(node.config)]
+        wrong = subprocess.run([*retry, "--destination", "nowhere"], capture_output=True, text=True)
+        assert wrong.returncode != 0 and "has no destination 'nowhere'" in wrong.stderr
         out = subprocess.run(
-            [str(BIN / "pacs-node"), "retry", str(job["id"]), "--config", str(node.config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [*retry, "--destination", "default"], capture_output=True, text=True, timeout=60
         )
         assert out.returncode == 0, out.stderr
         wait_for(lambda: node.status()[0]["state"] == "done", 60, "delivery after retry")

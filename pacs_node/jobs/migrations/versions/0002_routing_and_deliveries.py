@@ -16,19 +16,20 @@ down_revision = "0001"
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(
-            sa.Column("action", sa.String(16), nullable=False, server_default="denoise")
-        )
-        batch.add_column(sa.Column("rule", sa.String(64)))
-        batch.add_column(
-            sa.Column("destinations", sa.Text, nullable=False, server_default='["default"]')
-        )
-        batch.add_column(
-            sa.Column("send_original", sa.Boolean, nullable=False, server_default=sa.false())
-        )
-        batch.add_column(sa.Column("calling_ae", sa.String(16)))
-        batch.add_column(sa.Column("series_description", sa.String(64)))
+    # plain ADD COLUMN (with constant defaults): SQLite's batch mode would copy and drop the jobs
+    # table, which the instances' foreign key forbids
+    op.add_column(
+        "jobs", sa.Column("action", sa.String(16), nullable=False, server_default="denoise")
+    )
+    op.add_column("jobs", sa.Column("rule", sa.String(64)))
+    op.add_column(
+        "jobs", sa.Column("destinations", sa.Text, nullable=False, server_default='["default"]')
+    )
+    op.add_column(
+        "jobs", sa.Column("send_original", sa.Boolean, nullable=False, server_default=sa.false())
+    )
+    op.add_column("jobs", sa.Column("calling_ae", sa.String(16)))
+    op.add_column("jobs", sa.Column("series_description", sa.String(64)))
     op.create_table(
         "job_destinations",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
@@ -72,6 +73,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("deliveries")
     op.drop_table("job_destinations")
+    if op.get_bind().dialect.name == "sqlite":
+        op.execute("PRAGMA foreign_keys=OFF")  # batch mode copies and drops the jobs table
     with op.batch_alter_table("jobs") as batch:
         for column in (
             "series_description",

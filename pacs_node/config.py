@@ -62,7 +62,7 @@ class NodeConfig(_Section):
     port: Port = 11112
     allowed_calling_ae_titles: tuple[str, ...] = ("STORESCU",)
     max_associations: int = Field(default=8, ge=1, le=1000)
-    max_pdu_size: int = Field(default=0, ge=0)
+    max_pdu_size: int = Field(default=1 << 20, ge=0)  # advertised; 0 = unlimited
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     tls: TLSConfig | None = None
 
@@ -115,8 +115,23 @@ class StorageConfig(_Section):
 class QueueConfig(_Section):
     database_url: str = "sqlite:///var/jobs.sqlite"
     series_quiet_seconds: float = Field(default=10, ge=0)
+    # A series is complete (judged and forwarded) when quiet, or also ("release") once the
+    # association that sent it was released normally and release_grace_seconds passed.
+    complete_on: tuple[Literal["quiet", "release"], ...] = ("quiet",)
+    release_grace_seconds: float = Field(default=1, ge=0)
+    # Denoise a series chunk by chunk while it still arrives (forwarded once complete).
+    denoise_while_receiving: bool = True
     heartbeat_seconds: float = Field(default=5, gt=0)
     stale_after_seconds: float = Field(default=60, gt=0)
+
+    @field_validator("complete_on")
+    @classmethod
+    def _check_complete_on(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if "quiet" not in value:
+            raise ValueError(
+                'must include "quiet": a series whose sender never releases still ends'
+            )
+        return value
 
 
 class ModelConfig(_Section):

@@ -418,6 +418,16 @@ def _patched_read(original: Callable[[Any], None]) -> Callable[[Any], None]:
                 DUL_LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
                 dul.event_queue.put("Evt19")  # unrecognised PDU
                 return
+            limit = dul.assoc.ae.maximum_pdu_size  # what we advertised (0: no limit)
+            if limit and length > limit:  # PS3.8 D.1: the limit is on the PDU's variable field
+                logger.warning(
+                    "association from %s aborted: a PDU of %d bytes, above the %d it was offered",
+                    dul.assoc.requestor.address,
+                    length,
+                    limit,
+                )
+                dul.event_queue.put("Evt19")  # as an unrecognised PDU: A-ABORT, then close
+                return
             body = _recv(sock, length)
         except (OSError, TimeoutError) as exc:
             DUL_LOGGER.error("Connection closed before the entire PDU was received")

@@ -534,3 +534,48 @@ def test_a_sender_on_an_association_does_not_wait_out_the_reactors_nap(
         server.shutdown()
     assert statuses == [0] * 5
     assert elapsed < 5.0, f"5 C-ECHOs took {elapsed:.1f} s: the reactor was not woken"
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_pdu_above_the_advertised_maximum_aborts_without_buffering(node_factory) -> None:
+    """The node advertises a bounded maximum PDU (1 MiB by default); a peer that announces a
+    1.5 GiB P-DATA-TF PDU is aborted at its header, and the node's memory does not move."""
+    import contextlib
+    import socket
+    import struct
+
+    from pynetdicom import AE
+
+    node = node_factory().start()
+    assert node.proc is not None
+    before = _rss_kib(node.proc.pid)
+    ae = AE("STORESCU")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="LDCT_DENOISE")
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == 1 << 20
+    sock: socket.socket = assoc.dul.socket.socket
+    huge = 3 << 29  # 1.5 GiB announced
+    # (the node's A-ABORT may come first, and our side then closes the socket under us)
+    with contextlib.suppress(OSError):
+        sock.sendall(struct.pack(">BBL", 0x04, 0, huge) + b"\0" * (4 << 20))  # then 4 MiB of it
+    wait_for(lambda: "above the 1048576 it was offered" in node.log(), 30, "the abort")
+    wait_for(lambda: not assoc.is_established, 30, "the association to end")
+    assert _rss_kib(node.proc.pid) - before < 8 * 1024, "the node buffered the PDU"
+    assert f"a PDU of {huge} bytes" in node.log()
+    res = run_tool(
+        require_tool("echoscu"),
+        "-aet",
+        "STORESCU",
+        "-aec",
+        "LDCT_DENOISE",
+        "127.0.0.1",
+        str(node.port),
+    )
+    assert res.returncode == 0  # and the node is still there

@@ -45,13 +45,13 @@ def test_quiet_series_are_claimed_and_late_instances_join_the_open_job(database_
         q.record_instance(sop_uid="1.2.3.2", series_uid="1.2.3", study_uid="1.2", path="b", now=105)
         == job
     )
-    assert q.claim("w", quiet_seconds=10, now=114) is None  # not quiet yet
-    claim = q.claim("w", quiet_seconds=10, now=115)
+    assert q.claim("w", 10, now=114) is None  # not quiet yet
+    claim = q.claim("w", 10, now=115)
     assert claim is not None and claim.job_id == job
     assert q.list_jobs()[0].state == JobState.RUNNING
-    q.release(claim)  # shutting down: back to ready, attempt not counted
-    assert (q.list_jobs()[0].state, q.list_jobs()[0].attempts) == (JobState.READY, 0)
-    # a late instance sends it back to receiving, same job
+    q.release(claim)  # shutting down: receiving again (claimed once complete), not counted
+    assert (q.list_jobs()[0].state, q.list_jobs()[0].attempts) == (JobState.RECEIVING, 0)
+    # a late instance joins the same job
     assert (
         q.record_instance(sop_uid="1.2.3.3", series_uid="1.2.3", study_uid="1.2", path="c", now=120)
         == job
@@ -87,10 +87,13 @@ def test_every_state_change_follows_the_map(tmp_path: Path, start: JobState) -> 
                 continue
             moved = conn.execute(stmt).rowcount
         assert bool(moved) == (to in TRANSITIONS[start]), (start, to)
-    # and the map itself: finished jobs never reopen except by retry; nothing reaches receiving
-    # but a ready job getting a new instance
+    # and the map itself: finished jobs never reopen except by retry; receiving is reached by a
+    # ready job getting a new instance, or a running one parked before its series is complete
     assert TRANSITIONS[JobState.DONE] == frozenset()
-    assert [s for s, t in TRANSITIONS.items() if JobState.RECEIVING in t] == [JobState.READY]
+    assert [s for s, t in TRANSITIONS.items() if JobState.RECEIVING in t] == [
+        JobState.READY,
+        JobState.RUNNING,
+    ]
 
 
 def test_concurrent_first_instances_open_one_job(database_url: str) -> None:
@@ -124,7 +127,7 @@ def test_each_job_is_claimed_once_under_contention(database_url: str) -> None:
 
     def worker(n: int) -> None:
         while True:
-            c = q.claim(f"w{n}", quiet_seconds=1)
+            c = q.claim(f"w{n}", 1)
             if c is None:
                 return
             with lock:
@@ -142,13 +145,13 @@ def test_each_job_is_claimed_once_under_contention(database_url: str) -> None:
 def test_reaper_requeues_stale_work_and_the_old_worker_loses_its_claim(database_url: str) -> None:
     q = _queue(database_url)
     q.record_instance(sop_uid="1.4.1.1", series_uid="1.4.1", study_uid="1.4", path="x", now=0)
-    old = q.claim("old", quiet_seconds=1)
+    old = q.claim("old", 1)
     assert old is not None
     assert q.reap(stale_after=60) == 0
     with q.engine.begin() as conn:
         conn.execute(sa.text("UPDATE jobs SET heartbeat_at = heartbeat_at - 1000"))
     assert q.reap(stale_after=60) == 1
-    new = q.claim("new", quiet_seconds=1)
+    new = q.claim("new", 1)
     assert new is not None and new.job_id == old.job_id and new.attempts == 2
     try:
         q.heartbeat(old)
@@ -169,7 +172,7 @@ def test_reaper_requeues_stale_work_and_the_old_worker_loses_its_claim(database_
 def test_finish_goes_back_to_ready_when_instances_arrived_meanwhile(database_url: str) -> None:
     q = _queue(database_url)
     q.record_instance(sop_uid="1.5.1.1", series_uid="1.5.1", study_uid="1.5", path="a", now=0)
-    c = q.claim("w", quiet_seconds=1)
+    c = q.claim("w", 1)
     assert c is not None
     q.record_instance(sop_uid="1.5.1.2", series_uid="1.5.1", study_uid="1.5", path="b")
     assert len(q.pending_instances(c, InstanceState.RECEIVED)) == 2
@@ -194,7 +197,7 @@ def test_each_destination_is_delivered_and_retried_on_its_own(database_url: str)
             destinations=("pacs", "archive"),
             send_original=True,
         )
-    c = q.claim("w", quiet_seconds=1)
+    c = q.claim("w", 1)
     assert c is not None and c.destinations == ("pacs", "archive") and c.send_original
     q.mark_denoised(c, [(1, "2.25.1", "out1"), (2, "2.25.2", "out2")], "v")
     q.start_forwarding(c)
@@ -212,7 +215,7 @@ def test_each_destination_is_delivered_and_retried_on_its_own(database_url: str)
     report = q.destination_report()
     assert report["pacs"]["delivered"] == 4 and report["archive"]["last_error"] == "refused"
     # the next try: only the archive is due, and it gives up after its max_attempts
-    c = q.claim("w", quiet_seconds=1, now=due + 1)
+    c = q.claim("w", 1, now=due + 1)
     assert c is not None
     q.start_forwarding(c)
     assert [n for n, _ in q.due_destinations(c, now=due + 1)] == ["archive"]
@@ -224,7 +227,7 @@ def test_each_destination_is_delivered_and_retried_on_its_own(database_url: str)
     # pacs-node retry --destination archive: only the archive is tried again
     assert "no destination" in str(q.retry(row.id, "nowhere"))
     assert q.retry(row.id, "archive") is None
-    c = q.claim("w", quiet_seconds=1)
+    c = q.claim("w", 1)
     assert c is not None
     q.start_forwarding(c)
     assert [n for n, _ in q.due_destinations(c)] == ["archive"]
@@ -239,7 +242,7 @@ def test_a_pass_job_sends_the_originals(database_url: str) -> None:
     q.record_instance(
         sop_uid="1.8.1.1", series_uid="1.8.1", study_uid="1.8", path="sr", now=0, action="pass"
     )
-    c = q.claim("w", quiet_seconds=1)
+    c = q.claim("w", 1)
     assert c is not None and c.action == "pass"
     q.start_forwarding(c)
     assert [f for _, f in q.pending_deliveries(c, "default")] == ["sr"]
@@ -252,7 +255,7 @@ def test_a_pass_job_sends_the_originals(database_url: str) -> None:
 def test_failed_job_retry_and_new_round(database_url: str) -> None:
     q = _queue(database_url)
     q.record_instance(sop_uid="1.6.1.1", series_uid="1.6.1", study_uid="1.6", path="a", now=0)
-    c = q.claim("w", quiet_seconds=1)
+    c = q.claim("w", 1)
     assert c is not None
     assert q.defer(c, "destination down", delay=0, max_attempts=1) == JobState.FAILED
     q.record_instance(sop_uid="1.6.1.2", series_uid="1.6.1", study_uid="1.6", path="b")
@@ -314,3 +317,29 @@ def test_migration_carries_jobs_of_the_one_destination_over(tmp_path: Path) -> N
     assert jobs[2].destinations["default"]["delivered"] == 1
     assert jobs[2].destinations["default"]["pending"] == 1
     assert jobs[2].action == "denoise" and jobs[2].state == "forwarding"
+
+
+def test_a_series_is_claimed_early_to_denoise_and_complete_on_release(database_url: str) -> None:
+    from pacs_node.jobs.queries import Completion
+
+    q = _queue(database_url)
+    for k in range(20):
+        q.record_instance(
+            sop_uid=f"1.9.2.{k}", series_uid="1.9.2", study_uid="1.9", path=f"{k}", now=100
+        )
+    on_release = Completion(quiet_seconds=10, on_release=True, grace_seconds=1)
+    assert q.claim("w", on_release, now=100.5) is None  # neither quiet nor released
+    c = q.claim("w", on_release, now=100.5, early_chunk=16)  # but 20 wait to be denoised
+    assert c is not None and not q.is_complete(c, on_release, now=100.5)
+    q.mark_denoised(c, [(k + 1, f"2.25.{k}", f"d{k}") for k in range(20)], "v", '{"regions": 3}')
+    q.release(c)  # parked: what has arrived is denoised
+    assert q.claim("w", on_release, now=100.6, early_chunk=16) is None  # nothing waits now
+    q.mark_released(["1.9.2"], now=100.7)  # the sender released its association
+    assert q.claim("w", on_release, now=100.9) is None  # the grace has not passed
+    c = q.claim("w", on_release, now=101.2)
+    assert c is not None and q.is_complete(c, on_release, now=101.2)
+    assert c.tally == '{"regions": 3}'  # the gate's figures so far come with the claim
+    # quiet alone does not know about releases; an instance after the release undoes it
+    assert not q.is_complete(c, Completion(10), now=101.2)
+    q.record_instance(sop_uid="1.9.2.99", series_uid="1.9.2", study_uid="1.9", path="x", now=101.3)
+    assert not q.is_complete(c, on_release, now=103)

@@ -177,6 +177,11 @@ def test_quality_gate_holds_a_series_the_model_does_not_improve(
         job = node.status()[0]
         assert "quality gate" in job["last_error"] and "not below" in job["last_error"]
         assert dest.received == {}
+        # `pacs-node retry` is the admin's override: the held series is forwarded as it is
+        retry = [str(BIN / "pacs-node"), "retry", str(job["id"]), "--config", str(node.config)]
+        assert subprocess.run(retry, capture_output=True, timeout=60).returncode == 0
+        wait_for(lambda: node.status()[0]["state"] == "done", 60, "forwarded after retry")
+        assert len(dest.received) == 4
     finally:
         dest.stop()
 

@@ -33,15 +33,27 @@ class Claim:
     action: str = "denoise"  # denoise | pass
     destinations: tuple[str, ...] = ("default",)
     send_original: bool = False
+    tally: str | None = None  # the gate's figures of the chunks denoised before this claim
+    judged: bool = False  # the gate has judged the series before (e.g. a retried job)
 
 
 class Leases(Database):
-    def claim(self, worker: str, quiet_seconds: float, now: float | None = None) -> Claim | None:
-        """Atomically take the oldest ready job (or a quiet receiving one) whose retry time has
-        come; None when there is none."""
+    def claim(
+        self,
+        worker: str,
+        completion: float | queries.Completion,
+        now: float | None = None,
+        early_chunk: int = 0,
+    ) -> Claim | None:
+        """Atomically take the oldest ready job, or a receiving one that is complete (a number:
+        quiet for that many seconds) or has ``early_chunk`` instances waiting to be denoised,
+        whose retry time has come; None when there is none."""
         now = time.time() if now is None else now
+        if not isinstance(completion, queries.Completion):
+            completion = queries.Completion(completion)
+        stmt = queries.claim(worker, completion, now, self.is_postgres, early_chunk)
         with self.transaction() as conn:
-            row = conn.execute(queries.claim(worker, quiet_seconds, now, self.is_postgres)).first()
+            row = conn.execute(stmt).first()
         if row is None:
             return None
         return Claim(
@@ -53,6 +65,8 @@ class Leases(Database):
             row.action,
             tuple(json.loads(row.destinations)),
             bool(row.send_original),
+            row.tally,
+            bool(row.judged),
         )
 
     def _held(
@@ -80,8 +94,24 @@ class Leases(Database):
         return n
 
     def release(self, claim: Claim) -> None:
-        """Give a job back untouched (worker shutting down); its attempt is not counted."""
+        """Give a job back as it is (worker shutting down, or an incomplete series denoised as
+        far as it has arrived): receiving again, claimed once complete or once more waits;
+        the attempt is not counted."""
         less_one = jobs.c.attempts - 1
         attempts = sa.func.greatest(less_one, 0) if self.is_postgres else sa.func.max(less_one, 0)
         with self.transaction() as conn:
-            self._held(conn, claim, JobState.READY, worker=None, attempts=attempts)
+            self._held(conn, claim, JobState.RECEIVING, worker=None, attempts=attempts)
+
+    def is_complete(
+        self, claim: Claim, completion: queries.Completion, now: float | None = None
+    ) -> bool:
+        """Whether the claimed series has all arrived, by ``completion``'s rule."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            return bool(conn.execute(queries.is_complete(claim.job_id, completion, now)).scalar())
+
+    def mark_released(self, series: list[str], now: float | None = None) -> None:
+        """An association that stored instances of these series was released normally."""
+        if series:
+            with self.transaction() as conn:
+                conn.execute(queries.mark_released(series, time.time() if now is None else now))

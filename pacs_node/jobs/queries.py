@@ -48,7 +48,11 @@ def _record_statements(insert: Any) -> dict[str, Any]:
         .values(
             last_instance_at=now,
             updated_at=now,
-            state=sa.case((move(JobState.RECEIVING), JobState.RECEIVING.value), else_=j.state),
+            # a ready job is receiving again; a running one stays with its worker
+            state=sa.case(
+                (move(JobState.RECEIVING, (JobState.READY,)), JobState.RECEIVING.value),
+                else_=j.state,
+            ),
         )
         .returning(j.id)
     )
@@ -123,12 +127,51 @@ def compiled_sqlite(name: str) -> Compiled:
 
 
 # -- leases ----------------------------------------------------------------------------------------
-def claim(worker: str, quiet_seconds: float, now: float, skip_locked: bool) -> Any:
-    """Take the oldest ready job, or a receiving one quiet for ``quiet_seconds``, whose retry
-    time has come."""
+@dataclass(frozen=True)
+class Completion:
+    """When a receiving series counts as complete: quiet for ``quiet_seconds``, or (with
+    ``on_release``) its sender's association was released normally after its last instance and
+    ``grace_seconds`` have passed since that instance."""
+
+    quiet_seconds: float
+    on_release: bool = False
+    grace_seconds: float = 1.0
+
+    def sql(self, now: float) -> Any:
+        quiet = j.last_instance_at <= now - self.quiet_seconds
+        if not self.on_release:
+            return quiet
+        released = sa.and_(
+            j.released_at.is_not(None),
+            j.released_at >= j.last_instance_at,
+            j.last_instance_at <= now - self.grace_seconds,
+        )
+        return sa.or_(quiet, released)
+
+
+def _waiting(chunk: int) -> Any:
+    """At least ``chunk`` received instances not yet denoised (a denoise job only)."""
+    count = (
+        sa.select(sa.func.count())
+        .select_from(instances)
+        .where(i.job_id == j.id, i.state == InstanceState.RECEIVED.value)
+        .scalar_subquery()
+    )
+    return sa.and_(j.action == "denoise", count >= chunk)
+
+
+def claim(
+    worker: str, completion: Completion, now: float, skip_locked: bool, early_chunk: int = 0
+) -> Any:
+    """Take the oldest ready job, or a receiving one that is complete (or, with
+    ``early_chunk``, has that many instances waiting to be denoised), whose retry time has
+    come."""
+    receiving = completion.sql(now)
+    if early_chunk:
+        receiving = sa.or_(receiving, _waiting(early_chunk))
     eligible = sa.or_(
         j.state == JobState.READY.value,
-        sa.and_(j.state == JobState.RECEIVING.value, j.last_instance_at <= now - quiet_seconds),
+        sa.and_(j.state == JobState.RECEIVING.value, receiving),
     )
     pick = sa.select(j.id).where(eligible, j.next_attempt_at <= now).order_by(j.id).limit(1)
     if skip_locked:
@@ -144,9 +187,25 @@ def claim(worker: str, quiet_seconds: float, now: float, skip_locked: bool) -> A
             updated_at=now,
         )
         .returning(
-            j.id, j.series_uid, j.study_uid, j.attempts, j.action, j.destinations, j.send_original
+            j.id,
+            j.series_uid,
+            j.study_uid,
+            j.attempts,
+            j.action,
+            j.destinations,
+            j.send_original,
+            j.tally,
+            j.quality.is_not(None).label("judged"),
         )
     )
+
+
+def is_complete(job_id: int, completion: Completion, now: float) -> Any:
+    return sa.select(sa.case((completion.sql(now), 1), else_=0)).where(j.id == job_id)
+
+
+def mark_released(series: list[str], now: float) -> Any:
+    return jobs.update().where(j.series_uid.in_(series), sa.text(OPEN_SQL)).values(released_at=now)
 
 
 def held(job_id: int, holder: str, to: JobState | None, **values: Any) -> Any:
@@ -159,11 +218,24 @@ def held(job_id: int, holder: str, to: JobState | None, **values: Any) -> Any:
 
 
 def reap(stale_before: float, now: float) -> Any:
+    """Requeue held jobs whose worker went silent: one that was forwarding is complete and
+    ready; one that was running may still be arriving, so it goes back to receiving (and is
+    claimed again once complete)."""
+    to = sa.case(
+        (j.state == JobState.FORWARDING.value, JobState.READY.value),
+        else_=JobState.RECEIVING.value,
+    )
     return (
         jobs.update()
-        .where(move(JobState.READY, HELD), j.heartbeat_at < stale_before)
+        .where(
+            sa.or_(
+                sa.and_(j.state == JobState.FORWARDING.value, move(JobState.READY, HELD)),
+                sa.and_(j.state == JobState.RUNNING.value, move(JobState.RECEIVING, HELD)),
+            ),
+            j.heartbeat_at < stale_before,
+        )
         .values(
-            state=JobState.READY.value,
+            state=to,
             worker=None,
             updated_at=now,
             last_error="worker stopped beating; requeued",

@@ -2,18 +2,21 @@
 
 A job is one round of one received series::
 
-    receiving ──(quiet: series_quiet_seconds without a new instance)──┐
-        ▲  │                                                        ▼
-        │  └────────────── claim ─────────────────────────────▶ running ──▶ forwarding ──▶ done
-        │ new instance                                             │  ▲          │
-      ready ◀── requeued: retry later, shut down, worker silent ────┘  │          │
-        ▲       (and from forwarding: latecomers arrived)  ◀──────────────────────┘
-        │                                                    running / forwarding ──▶ failed
-        └──────────────────── pacs-node retry ◀───────────────────────────────────────┘
+        new instance                     claim                         settle
+    ready ─────────▶ receiving ─────────────────────▶ running ─▶ forwarding ──▶ done
+      ▲  ◀─ claim ─┐     ▲   (complete: quiet, or released    │      │   │
+      │            │     │    + grace; or a chunk waiting)    │      │   └──▶ failed ─┐
+      │            │     └── parked: denoised as far as it ───┘      │                 │
+      │            │         arrived; shut down; worker silent       │                 │
+      │            └─────────────── running: complete, requeued      │                 │
+      └──── a destination retries; latecomers; worker silent ────────┘                 │
+      └──── pacs-node retry ◀──────────────────────────────────────────────────────────┘
 
-``ready`` is claimed at once; ``receiving`` only once quiet. Every UPDATE that changes a job's
-state takes its allowed previous states from :data:`TRANSITIONS` (:func:`sources`), so a change
-the map does not allow matches no row.
+``ready`` is claimed at once; ``receiving`` once complete (quiet, or released and past its
+grace) or, to denoise while the series still arrives, once a chunk of it is waiting; a worker
+that has denoised what there is of an incomplete series parks it back in ``receiving``. Every
+UPDATE that changes a job's state takes its allowed previous states from :data:`TRANSITIONS`
+(:func:`sources`), so a change the map does not allow matches no row.
 
 Instances have states of their own: received -> denoised -> delivered (at every destination), or
 failed. Delivery is tracked per destination: ``job_destinations`` (a job at a destination: its
@@ -61,7 +64,8 @@ S = JobState
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.RECEIVING: frozenset({S.RUNNING}),  # claimed once quiet
     S.READY: frozenset({S.RECEIVING, S.RUNNING}),  # a new instance arrived; claimed
-    S.RUNNING: frozenset({S.FORWARDING, S.READY, S.FAILED}),  # gate passed; requeued; failed
+    # gate passed; requeued (complete); parked or reaped (perhaps not complete yet); failed
+    S.RUNNING: frozenset({S.FORWARDING, S.READY, S.RECEIVING, S.FAILED}),
     S.FORWARDING: frozenset({S.DONE, S.READY, S.FAILED}),  # delivered; requeued; failed
     S.DONE: frozenset(),  # final: a new instance of its series opens a new round (a new job)
     S.FAILED: frozenset({S.READY}),  # pacs-node retry
@@ -114,6 +118,8 @@ jobs = sa.Table(
     sa.Column("send_original", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("calling_ae", sa.String(16)),
     sa.Column("series_description", sa.String(64)),
+    sa.Column("released_at", sa.Float),  # the last normal release of an association that sent it
+    sa.Column("tally", sa.Text),  # the gate's figures so far (JSON), kept with each chunk
     sa.Index("ix_jobs_state", "state"),
     sa.Index("ix_jobs_series", "series_uid"),
     sa.Index(

@@ -10,6 +10,14 @@ from pacs_node.jobs.schema import InstanceState, JobState
 
 
 class StateChanges(Leases):
+    def has_received(self, claim: Claim) -> bool:
+        """Whether instances of the job wait to be denoised."""
+        with self.engine.connect() as conn:
+            n = conn.execute(
+                queries.count_instances_in(claim.job_id, InstanceState.RECEIVED)
+            ).scalar_one()
+        return bool(n)
+
     def pending_instances(
         self, claim: Claim, state: InstanceState
     ) -> list[tuple[int, str, str | None]]:
@@ -19,12 +27,18 @@ class StateChanges(Leases):
         return [(int(r.id), r.path, r.derived_path) for r in rows]
 
     def mark_denoised(
-        self, claim: Claim, done: list[tuple[int, str, str]], model_version: str
+        self,
+        claim: Claim,
+        done: list[tuple[int, str, str]],
+        model_version: str,
+        tally: str | None = None,
     ) -> None:
-        """[(instance id, derived uid, derived path)] -> denoised, in one transaction."""
+        """[(instance id, derived uid, derived path)] -> denoised, in one transaction, with the
+        gate's figures so far (``tally``, JSON) when given."""
         now = time.time()
+        extra: dict[str, object] = {} if tally is None else {"tally": tally}
         with self.transaction() as conn:
-            self._held(conn, claim, heartbeat_at=now, model_version=model_version)
+            self._held(conn, claim, None, heartbeat_at=now, model_version=model_version, **extra)
             for iid, uid, path in done:
                 conn.execute(queries.denoise_instance(iid, uid, path, now))
 

@@ -45,6 +45,7 @@ class Intake:
         self.destinations = destinations
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
+        self._series: dict[int, set[str]] = {}  # per association: the series it stored
 
     def _count(self, assoc_key: int, key: str) -> None:
         with self._lock:
@@ -59,6 +60,9 @@ class Intake:
 
     def stored(self, incoming: Incoming) -> int:
         self._count(incoming.assoc_key, "stored")
+        if incoming.accepted is not None:
+            with self._lock:
+                self._series.setdefault(incoming.assoc_key, set()).add(incoming.accepted.series)
         if self.metrics:
             self.metrics.received.inc()
         return int(Status.SUCCESS)
@@ -113,8 +117,16 @@ class Intake:
     def handle_closed(self, event: evt.Event) -> None:
         with self._lock:
             counts = self._per_assoc.pop(id(event.assoc), Counter())
+            series = self._series.pop(id(event.assoc), set())
         rq = event.assoc.requestor
         outcome = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        if outcome == "released" and series:  # an aborted one never completes a series early
+            try:
+                self.jobs.mark_released(sorted(series))
+            except Exception:  # the series still completes when quiet
+                logger.warning(
+                    "recording the release of %d series failed", len(series), exc_info=True
+                )
         if self.metrics:
             self.metrics.associations.labels(outcome).inc()
         refused = sum(v for k, v in counts.items() if k.startswith("refused"))

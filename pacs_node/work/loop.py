@@ -14,12 +14,13 @@ import time
 from pacs_node.config import Config
 from pacs_node.errors import PermanentError
 from pacs_node.jobs import Action, Claim, JobState, JobStore, LostClaim
+from pacs_node.jobs.queries import Completion
 from pacs_node.metrics import Metrics
 from pacs_node.storage import Storage
 from pacs_node.work.dispatch import Dispatcher
 from pacs_node.work.quality import QualityFigures, judge
 from pacs_node.work.retry import Outcome, RetryPolicy
-from pacs_node.work.series import Interrupted, SeriesProcessor
+from pacs_node.work.series import Interrupted, SeriesProcessor, SeriesQuality
 from unit_model.denoiser import Denoiser
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ class Worker:
         )
         self.name = name or f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident() % 10000}"
         self.stopping = threading.Event()
+        q = config.queue
+        self.completion = Completion(
+            q.series_quiet_seconds, "release" in q.complete_on, q.release_grace_seconds
+        )
+        # denoise a series while it arrives, a chunk at a time
+        self.early_chunk = max(config.model.batch_size, 16) if q.denoise_while_receiving else 0
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:
@@ -61,7 +68,7 @@ class Worker:
                     self.jobs.sweep(self.storage, self.config.storage.keep_days)
                     next_sweep = time.monotonic() + SWEEP_SECONDS
                 self.jobs.reap(q.stale_after_seconds)
-                claim = self.jobs.claim(self.name, q.series_quiet_seconds)
+                claim = self.jobs.claim(self.name, self.completion, early_chunk=self.early_chunk)
             except Exception:
                 logger.exception("job table unavailable; retrying")
                 stop.wait(5)
@@ -73,7 +80,7 @@ class Worker:
 
     def run_once(self) -> bool:
         """Process one job if one is ready (for tests and `denoise`); True if one was."""
-        claim = self.jobs.claim(self.name, self.config.queue.series_quiet_seconds)
+        claim = self.jobs.claim(self.name, self.completion, early_chunk=self.early_chunk)
         if claim is None:
             return False
         self.process(claim)
@@ -92,10 +99,24 @@ class Worker:
                 claim.attempts,
                 extra=log,
             )
+            quality = SeriesQuality.from_json(claim.tally)
+            new = 0
             if claim.action == Action.DENOISE:
-                quality = self.series.denoise(claim, self.stopping, self.name)
-                if quality is not None and not self._gate(claim, quality):
-                    return
+                while n := self.series.denoise(claim, self.stopping, self.name, quality):
+                    new += n  # and again for what arrived meanwhile
+            if not self.jobs.is_complete(claim, self.completion):
+                self.jobs.release(claim)  # receiving again: the rest of the series is to come
+                logger.info(
+                    "job %d: denoised as far as it has arrived; waiting for the rest",
+                    claim.job_id,
+                    extra=log,
+                )
+                return
+            # judged once the series is whole, and again only if more of it came since (a
+            # retried job that the gate held is forwarded: retry is the admin's override)
+            judge = claim.action == Action.DENOISE and (new or not claim.judged)
+            if judge and not self._gate(claim, quality.figures()):
+                return
             self.jobs.start_forwarding(claim)
             self.dispatcher.deliver(claim)
             state, due = self.jobs.settle(claim)

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from typing import Self
 
 import numpy as np
 from scipy import ndimage
@@ -154,22 +156,25 @@ def _patch(slices: np.ndarray, reg: Region) -> np.ndarray:
 
 @dataclass
 class RegionTally:
-    """Figures of an image against a reference in uniform regions, gathered over chunks: the
-    mean difference (bias) and the SD of each in every region. One definition for the node's
-    gate, ``measure`` and the training evaluation."""
+    """Figures of an image against a reference in uniform regions, gathered over chunks as
+    running sums (so a series' figures can be kept between the chunks and the workers that
+    denoise it): the mean difference (bias) and the mean SD of each. One definition for the
+    node's gate, ``measure`` and the training evaluation."""
 
-    bias: list[float] = field(default_factory=list)
-    sd_ref: list[float] = field(default_factory=list)
-    sd_out: list[float] = field(default_factory=list)
+    regions: int = 0
+    bias_sum: float = 0.0
+    sd_ref_sum: float = 0.0
+    sd_out_sum: float = 0.0
     edges: list[float] = field(default_factory=lambda: [0.0, 0, 0.0, 0])  # see edge_removal
 
     def add(self, ref: np.ndarray, out: np.ndarray, regions: list[Region]) -> None:
         """Measure ``out`` against ``ref`` (both [N, H, W] HU) in ``regions``."""
         for g in regions:
             a, b = _patch(ref, g), _patch(out, g)
-            self.bias.append(float(np.mean(b - a)))
-            self.sd_ref.append(float(np.std(a)))
-            self.sd_out.append(float(np.std(b)))
+            self.regions += 1
+            self.bias_sum += float(np.mean(b - a))
+            self.sd_ref_sum += float(np.std(a))
+            self.sd_out_sum += float(np.std(b))
 
     def add_edges(self, ref: np.ndarray, out: np.ndarray) -> None:
         """Also gather what ``out`` removed from ``ref`` on edges and on flat tissue."""
@@ -177,19 +182,21 @@ class RegionTally:
             self.edges[i] += v
 
     def figures(self) -> QualityFigures:
-        if not self.bias:
+        if not self.regions:
             return QualityFigures(float("nan"), float("nan"), float("nan"), 0)
         edge_sum, edge_n, flat_sum, flat_n = self.edges
         ratio = float("nan")
         if edge_n and flat_n and flat_sum > 0:
             ratio = (edge_sum / edge_n) / (flat_sum / flat_n)
-        return QualityFigures(
-            float(np.mean(self.bias)),
-            float(np.mean(self.sd_ref)),
-            float(np.mean(self.sd_out)),
-            len(self.bias),
-            ratio,
-        )
+        n = self.regions
+        return QualityFigures(self.bias_sum / n, self.sd_ref_sum / n, self.sd_out_sum / n, n, ratio)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> Self:
+        return cls(**json.loads(text)) if text else cls()
 
 
 def measure(

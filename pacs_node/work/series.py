@@ -109,13 +109,15 @@ class SeriesProcessor:
         self.config, self.jobs, self.storage = config, jobs, storage
         self.denoiser, self.metrics = denoiser, metrics
 
-    def denoise(self, claim: Claim, stopping: threading.Event, name: str) -> QualityFigures | None:
-        """Denoise every received instance of the job; return the gate's figures (None if there
-        was nothing new). Raises Interrupted when ``stopping`` is set between chunks."""
+    def denoise(
+        self, claim: Claim, stopping: threading.Event, name: str, quality: SeriesQuality
+    ) -> int:
+        """Denoise the received instances of the job, adding to ``quality`` (the series' figures,
+        kept in the job table with each chunk); return how many there were. Raises Interrupted
+        when ``stopping`` is set between chunks."""
         pending = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
         if not pending:
-            return None
-        quality = SeriesQuality()
+            return 0
         chunk = max(self.config.model.batch_size, 16)
         # Each chunk's derived files are encoded, written (fsync) and recorded on a helper thread
         # while the network works on the next chunk; one chunk in flight keeps the order. (The
@@ -140,10 +142,12 @@ class SeriesProcessor:
                     )
                 if in_flight is not None:
                     in_flight.result()  # its errors (e.g. LostClaim) surface here
-                in_flight = writer.submit(self._write_chunk, claim, ids, sources, outputs)
+                in_flight = writer.submit(
+                    self._write_chunk, claim, ids, sources, outputs, quality.to_json()
+                )
             if in_flight is not None:
                 in_flight.result()
-        return quality.figures()
+        return len(pending)
 
     def _read_chunk(
         self, claim: Claim, part: list[tuple[int, str, str | None]]
@@ -172,12 +176,13 @@ class SeriesProcessor:
         ids: list[int],
         sources: Sequence[pydicom.Dataset],
         outputs: list[np.ndarray],
+        tally: str,
     ) -> None:
         done = [
             self._write_derived(claim, iid, src, res)
             for iid, src, res in zip(ids, sources, outputs, strict=True)
         ]
-        self.jobs.mark_denoised(claim, done, self.denoiser.version_label)
+        self.jobs.mark_denoised(claim, done, self.denoiser.version_label, tally)
 
     def _write_derived(
         self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray

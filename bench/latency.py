@@ -1,0 +1,180 @@
+"""Time to result: a series sent at scanner pace, denoised while it arrives, against pure compute.
+
+    .venv/bin/python bench/latency.py [--slices 200] [--rate 8] [--runs 3]
+
+A pynetdicom sender in this process sends ``--slices`` 512^2 slices at ``--rate`` slices per
+second (one association, released at the end) to `pacs-node serve` (one worker, the shipped model
+on the CPU, batch 8), which forwards to a pynetdicom SCP in this process. Each run alternates two
+node set-ups on the same slices:
+
+* ``release``: ``complete_on = ["quiet", "release"]`` and denoising while receiving (the design);
+* ``quiet``: ``complete_on = ["quiet"]``, ``denoise_while_receiving = false`` (what the node did
+  before: wait for ``series_quiet_seconds`` of silence, then denoise it all).
+
+Pure compute is Denoiser.denoise_hu over the same slices in this process (batch 8), measured in
+each run before the node starts. Reported per run and as the median with the range:
+
+* ratio = pure compute / (first slice sent -> last derived instance received); target >= 0.95;
+* tail = last slice acknowledged -> last derived received, against the compute still left at
+  that moment (pure compute x the share of slices not yet denoised then, read from the job
+  table); target: tail <= left + 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import free_port, start_node
+
+from pacs_node.work.dicom_io import read_hu
+from train.synth import simple_series
+from unit_model.denoiser import Denoiser
+
+SETUPS = {
+    "release": 'complete_on = ["quiet", "release"]\ndenoise_while_receiving = true\n',
+    "quiet": 'complete_on = ["quiet"]\ndenoise_while_receiving = false\n',
+}
+
+
+def _denoised(db: Path) -> int:
+    with sqlite3.connect(db) as con:
+        row = con.execute(
+            "SELECT count(*) FROM instances WHERE state IN ('denoised', 'delivered')"
+        ).fetchone()
+    return int(row[0])
+
+
+def one_run(
+    work: Path, files: list[Path], setup: str, rate: float, quiet: float, pure: float
+) -> dict[str, float]:
+    from pynetdicom import AE, evt
+
+    n = len(files)
+    received: list[float] = []
+    done = threading.Event()
+
+    def store(event: evt.Event) -> int:
+        received.append(time.perf_counter())
+        if len(received) >= n:
+            done.set()
+        return 0
+
+    dest = AE("PACS")
+    dest.add_supported_context("1.2.840.10008.5.1.4.1.1.2", ["1.2.840.10008.1.2.1"])
+    dest_port = free_port()
+    server = dest.start_server(
+        ("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
+    port = free_port()
+    node_dir = work / f"node-{setup}-{time.monotonic_ns()}"
+    node = start_node(
+        node_dir,
+        port,
+        f"[queue]\nseries_quiet_seconds = {quiet}\n{SETUPS[setup]}"
+        "[model]\nbatch_size = 8\n"
+        f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
+        "[http]\nenabled = false\n",
+    )
+    datasets = [pydicom.dcmread(f) for f in files]
+    try:
+        sender = AE("STORESCU")
+        sender.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+        assoc = sender.associate("127.0.0.1", port, ae_title="LDCT_DENOISE")
+        if not assoc.is_established:
+            raise RuntimeError("the node refused the association")
+        t0 = time.perf_counter()
+        for k, ds in enumerate(datasets):
+            delay = t0 + k / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            status = assoc.send_c_store(ds)
+            if status.Status != 0:
+                raise RuntimeError(f"C-STORE status 0x{status.Status:04X}")
+        t_ack = time.perf_counter()
+        denoised_at_ack = _denoised(node_dir / "var" / "jobs.sqlite")
+        assoc.release()
+        if not done.wait(3600):
+            raise RuntimeError("not everything was delivered")
+    finally:
+        node.terminate()
+        node.wait()
+        server.shutdown()
+    wall = received[-1] - t0
+    tail = received[-1] - t_ack
+    left = pure * (n - denoised_at_ack) / n
+    return {
+        "wall": wall,
+        "ratio": pure / wall,
+        "tail": tail,
+        "left": left,
+        "over": tail - left,
+        "send": t_ack - t0,
+    }
+
+
+def _summary(values: list[float]) -> str:
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=8.0, help="slices per second sent")
+    ap.add_argument("--quiet", type=float, default=10.0, help="queue.series_quiet_seconds")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--setups", default="release,quiet", help="comma list of release,quiet")
+    args = ap.parse_args()
+    setups = args.setups.split(",")
+    from pacs_node import pynetdicom_compat
+
+    pynetdicom_compat.install()  # the destination answers without pynetdicom's 1 ms polling
+    rows: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
+    pures: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        files = simple_series(work / "series", n=args.slices, size=512, seed=3, noise_sd=15)
+        hu = np.stack([read_hu(pydicom.dcmread(f)) for f in files])
+        for run in range(args.runs):
+            den = Denoiser.from_checkpoint(None, device="cpu", batch_size=8)
+            den.denoise_hu(hu[:2])  # warm-up
+            t = time.perf_counter()
+            den.denoise_hu(hu)
+            pure = time.perf_counter() - t
+            del den
+            pures.append(pure)
+            for setup in setups if run % 2 == 0 else setups[::-1]:
+                r = one_run(work, files, setup, args.rate, args.quiet, pure)
+                rows[setup].append(r)
+                print(
+                    f"run {run + 1} {setup:8s} pure {pure:6.1f} s  sent {r['send']:5.1f} s  "
+                    f"wall {r['wall']:6.1f} s  ratio {r['ratio']:.3f}  tail {r['tail']:5.1f} s "
+                    f"(compute left {r['left']:5.1f} s, over {r['over']:+5.1f} s)",
+                    flush=True,
+                )
+    print(
+        f"\n{args.slices} slices 512^2 at {args.rate:g}/s, quiet {args.quiet:g} s, "
+        f"{os.cpu_count()} cores; pure compute {_summary(pures)} s"
+    )
+    for setup, rs in rows.items():
+        print(
+            f"{setup:8s} ratio {_summary([r['ratio'] for r in rs])}; "
+            f"tail - compute left {_summary([r['over'] for r in rs])} s; "
+            f"wall {_summary([r['wall'] for r in rs])} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

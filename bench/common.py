@@ -25,12 +25,13 @@ def storescu_args(port: int, files: list[Path], aec: str = "LDCT_DENOISE") -> li
     ]
 
 
-def start_node(work: Path, port: int, extra: str = "") -> subprocess.Popen[bytes]:
-    """`pacs-node serve` on ``port`` with its data under ``work``; returns once it listens."""
+def start_node(work: Path, port: int, extra: str = "", node: str = "") -> subprocess.Popen[bytes]:
+    """`pacs-node serve` on ``port`` with its data under ``work`` (``node``: more [node] keys,
+    ``extra``: more tables); returns once it listens."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / "config.toml"
     config.write_text(
-        f'[node]\nbind = "127.0.0.1"\nport = {port}\n[storage]\nmin_free_bytes = 0\n{extra}'
+        f'[node]\nbind = "127.0.0.1"\nport = {port}\n{node}[storage]\nmin_free_bytes = 0\n{extra}'
     )
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "pacs-node"), "serve", "--config", str(config)],

@@ -1,17 +1,22 @@
-"""Receive throughput: 200 x 512^2 CT in one association, into the node vs into DCMTK storescp.
+"""Receive throughput into the node vs into DCMTK storescp, one sender and several at once.
 
-    .venv/bin/python bench/intake.py [--images 200] [--runs 3]
+    .venv/bin/python bench/intake.py [--images 200] [--runs 3] [--senders 4] [--processes 2]
 
-Both receivers run on loopback in the same run, DCMTK's with TCP_NODELAY=1 (it stalls ~45 ms per
-C-STORE without it); the sender is DCMTK storescu, also with TCP_NODELAY=1. The node runs with
-workers = 0 (receive only) and does everything it does in production: validation, temp file,
-fsync, rename, folder fsync, the job-table transaction (SQLite WAL).
-Prints images/s per receiver (median of the runs) and the ratio node / storescp.
+One association: 200 x 512^2 CT from one DCMTK storescu, into `pacs-node serve` (one receiving
+process) and into `storescp`. Several: ``--senders`` storescu processes at once, each sending
+``--images / --senders`` slices, into the node with ``node.receive_processes = --processes`` and
+into `storescp --fork`. Wall time runs from the first sender's start to the last one's end.
+Receivers run on loopback in the same run, alternating; DCMTK's with TCP_NODELAY=1 (it stalls
+~45 ms per C-STORE without it). The node runs with workers = 0 (receive only) and does
+everything it does in production: validation, temp file, fsync, rename, folder fsync, the
+job-table transaction (SQLite WAL). Prints images/s per receiver (median of the runs, with each
+run) and the ratios node / storescp.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,36 +32,57 @@ from common import DCMTK_ENV, free_port, start_node, storescu_args, wait_port
 from train.synth import simple_series
 
 
-def send(port: int, files: list[Path], aec: str) -> float:
+def send(port: int, parts: list[list[Path]], aec: str) -> float:
+    """Every part from its own storescu, all at once; seconds until the last one ends."""
     t0 = time.perf_counter()
-    subprocess.run(storescu_args(port, files, aec), check=True, env=DCMTK_ENV, capture_output=True)
+    procs = [
+        subprocess.Popen(
+            storescu_args(port, part, aec),
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for part in parts
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')}")
     return time.perf_counter() - t0
 
 
-def run_storescp(work: Path, files: list[Path]) -> float:
+def run_storescp(work: Path, parts: list[list[Path]]) -> float:
     port = free_port()
     out = work / "storescp"
     out.mkdir()
+    fork = ["--fork"] if len(parts) > 1 else []
     proc = subprocess.Popen(
-        ["/usr/bin/storescp", "-od", str(out), str(port)],
+        ["/usr/bin/storescp", *fork, "-od", str(out), str(port)],
         env=DCMTK_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_port(port)
-        return send(port, files, "ANY-SCP")
+        return send(port, parts, "ANY-SCP")
     finally:
         proc.terminate()
         proc.wait()
         shutil.rmtree(out)
 
 
-def run_node(work: Path, files: list[Path]) -> float:
+def run_node(work: Path, parts: list[list[Path]], processes: int) -> float:
     port = free_port()
-    proc = start_node(work / "node", port, "[worker]\ncount = 0\n[http]\nenabled = false\n")
+    proc = start_node(
+        work / "node",
+        port,
+        "[worker]\ncount = 0\n[http]\nenabled = false\n",
+        node=f"receive_processes = {processes}\nmax_associations = 16\n",
+    )
     try:
-        return send(port, files, "LDCT_DENOISE")
+        if processes > 1:
+            time.sleep(3)  # the other receiving processes start after the first listens
+        return send(port, parts, "LDCT_DENOISE")
     finally:
         proc.terminate()
         proc.wait()
@@ -67,20 +93,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--senders", type=int, default=4, help="0: the one-association case only")
+    ap.add_argument("--processes", type=int, default=2, help="node.receive_processes for them")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         files = simple_series(work / "series", n=args.images, size=512, seed=1, noise_sd=15)
         mb = sum(f.stat().st_size for f in files) / 1e6
-        node_rates, dcmtk_rates = [], []
-        for _ in range(args.runs):  # interleaved, so drift hits both alike
-            dcmtk_rates.append(args.images / run_storescp(work, files))
-            node_rates.append(args.images / run_node(work, files))
-        node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
-        print(f"{args.images} images, {mb:.0f} MB, {args.runs} runs (median)")
-        print(f"DCMTK storescp: {dcmtk:7.1f} images/s   runs {[round(r) for r in dcmtk_rates]}")
-        print(f"pacs-node:      {node:7.1f} images/s   runs {[round(r) for r in node_rates]}")
-        print(f"ratio node / storescp: {node / dcmtk:.2f}")
+        cases = {"1 association": ([files], 1)}
+        if args.senders:
+            n = args.senders
+            split = [files[k * len(files) // n : (k + 1) * len(files) // n] for k in range(n)]
+            cases[f"{n} associations"] = (split, args.processes)
+        print(
+            f"{args.images} images, {mb:.0f} MB, {args.runs} runs (median), {os.cpu_count()} cores"
+        )
+        for name, (parts, processes) in cases.items():
+            node_rates, dcmtk_rates = [], []
+            for _ in range(args.runs):  # interleaved, so drift hits both alike
+                dcmtk_rates.append(args.images / run_storescp(work, parts))
+                node_rates.append(args.images / run_node(work, parts, processes))
+            node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
+            ratios = sorted(a / b for a, b in zip(node_rates, dcmtk_rates, strict=True))
+            anchor = "storescp --fork" if len(parts) > 1 else "storescp"
+            print(f"\n{name} (node: {processes} receiving process(es)):")
+            print(f"  {anchor:16s} {dcmtk:7.1f} images/s   runs {[round(r) for r in dcmtk_rates]}")
+            print(
+                f"  {'pacs-node':16s} {node:7.1f} images/s   runs {[round(r) for r in node_rates]}"
+            )
+            print(
+                f"  ratio node / {anchor}: {node / dcmtk:.2f} "
+                f"(per run {ratios[0]:.2f}-{ratios[-1]:.2f})"
+            )
 
 
 if __name__ == "__main__":

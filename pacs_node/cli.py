@@ -69,7 +69,9 @@ def check_config(config: ConfigOption = None) -> None:
     typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
 
 
-def _run_until_signal(cfg: config_mod.Config, receive: bool, workers: int | None) -> None:
+def _run_until_signal(
+    cfg: config_mod.Config, receive: bool, workers: int | None, receiver: bool = False
+) -> None:
     log.setup(cfg.logging.level, cfg.logging.format)
     from pacs_node.node import Node  # heavy imports only for the verbs that need them
 
@@ -81,16 +83,19 @@ def _run_until_signal(cfg: config_mod.Config, receive: bool, workers: int | None
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node = Node(cfg, receive=receive, workers=workers)
+    node = Node(cfg, receive=receive, workers=workers, receiver=receiver)
     try:
         node.start()
     except Exception as err:  # a start-up failure is the admin's to fix: one line, no traceback
         logger.debug("start-up failed", exc_info=True)
         node.stop()
         raise _fail(f"cannot start: {err}", 1) from None
+    parent = os.getppid()
     try:
         while not stop.wait(0.5):
-            pass
+            if receiver and os.getppid() != parent:  # the node that started it is gone
+                logger.warning("the node that started this receiving process is gone; stopping")
+                break
     finally:
         node.stop()
     logger.info("stopped")
@@ -101,6 +106,14 @@ def serve(config: ConfigOption = None) -> None:
     """Run the Storage SCP and the denoising workers until SIGTERM or Ctrl-C."""
     cfg = load_config(config)
     _run_until_signal(cfg, receive=True, workers=None)
+
+
+@app.command(hidden=True)
+def receive(config: ConfigOption = None) -> None:
+    """One more process receiving on the node's port (started by `serve` when
+    node.receive_processes > 1): the Storage SCP only."""
+    cfg = load_config(config)
+    _run_until_signal(cfg, receive=True, workers=0, receiver=True)
 
 
 @app.command()

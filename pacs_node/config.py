@@ -63,6 +63,9 @@ class NodeConfig(_Section):
     allowed_calling_ae_titles: tuple[str, ...] = ("STORESCU",)
     max_associations: int = Field(default=8, ge=1, le=1000)
     max_pdu_size: int = Field(default=1 << 20, ge=0)  # advertised; 0 = unlimited
+    # processes receiving on the port (SO_REUSEPORT); the associations of all count against
+    # max_associations
+    receive_processes: int = Field(default=1, ge=1, le=64)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     tls: TLSConfig | None = None
 

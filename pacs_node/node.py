@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 
@@ -17,9 +21,9 @@ from pacs_node.receive.intake import Intake
 from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from pacs_node.receive.scp import StorageSCP
 from pacs_node.storage import Storage, valid_uid
-from pacs_node.work.loop import Worker
-from pacs_node.work.series import load_denoiser
-from unit_model.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from pacs_node.work.loop import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +60,72 @@ def recover(storage: Storage, jobs: JobStore) -> int:
     return n
 
 
-class Node:
-    """``receive``: run the Storage SCP; ``workers``: how many denoising workers to run."""
+class Receivers:
+    """The node.receive_processes - 1 other processes receiving on the node's port (``pacs-node
+    receive``), restarted when one ends that was not asked to."""
 
-    def __init__(self, config: Config, receive: bool = True, workers: int | None = None) -> None:
+    def __init__(self, config: Config) -> None:
+        if config.source is None:
+            raise PermanentError("node.receive_processes > 1 needs a configuration file")
+        self.command = [
+            str(Path(sys.executable).parent / "pacs-node"),
+            "receive",
+            "--config",
+            str(config.source),
+        ]
+        self.count = config.node.receive_processes - 1
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._stop = threading.Event()
+        self._watch = threading.Thread(target=self._supervise, name="receivers", daemon=True)
+
+    def start(self) -> None:
+        self.procs = [subprocess.Popen(self.command) for _ in range(self.count)]
+        self._watch.start()
+        logger.info("%d more processes receive on the port", self.count)
+
+    def _supervise(self) -> None:
+        delay = 1.0  # doubled while they keep ending, up to a minute
+        while not self._stop.wait(delay):
+            ended = [k for k, p in enumerate(self.procs) if p.poll() is not None]
+            delay = min(60.0, delay * 2) if ended else 1.0
+            for k in ended:
+                if self._stop.is_set():
+                    return
+                logger.warning(
+                    "receiving process %d ended (exit %s); starting another",
+                    self.procs[k].pid,
+                    self.procs[k].returncode,
+                )
+                self.procs[k] = subprocess.Popen(self.command)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Node:
+    """``receive``: run the Storage SCP; ``workers``: how many denoising workers to run;
+    ``receiver``: one of several receiving processes (Storage SCP only, started by another
+    node)."""
+
+    def __init__(
+        self,
+        config: Config,
+        receive: bool = True,
+        workers: int | None = None,
+        receiver: bool = False,
+    ) -> None:
         self.config = config
+        self.receiver = receiver
+        shared = config.node.receive_processes > 1
         self.storage = Storage(config.storage.data_dir, config.storage.min_free_bytes)
         self.jobs = JobStore(config.queue.database_url)
         self.metrics = Metrics()
@@ -72,10 +137,17 @@ class Node:
             tuple(d.name for d in config.destination),
         )
         self.scp = (
-            StorageSCP(config.node, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake)
+            StorageSCP(
+                config.node,
+                self.intake.handlers(),
+                TRANSFER_SYNTAXES,
+                self.intake,
+                slots=self.storage.root / "run" if shared else None,
+            )
             if receive
             else None
         )
+        self.receivers = Receivers(config) if receive and shared and not receiver else None
         self.n_workers = config.worker.count if workers is None else workers
         self.workers: list[Worker] = []
         self._threads: list[threading.Thread] = []
@@ -106,7 +178,10 @@ class Node:
         to start, before it accepts data it could never process."""
         self.check()
         denoiser = None
-        if self.n_workers:
+        if self.n_workers:  # torch and the model only where they are used
+            from pacs_node.work.series import load_denoiser
+            from unit_model.checkpoint import CheckpointError
+
             try:
                 denoiser = load_denoiser(self.config)
             except CheckpointError as err:
@@ -117,8 +192,9 @@ class Node:
                 denoiser.device,
                 str(denoiser.dtype).removeprefix("torch."),
             )
-        self.jobs.migrate()
-        if self.config.http.enabled:
+        if not self.receiver:
+            self.jobs.migrate()
+        if self.config.http.enabled and not self.receiver:
             h = self.config.http
             self.http = HttpServer(
                 h.bind,
@@ -131,9 +207,14 @@ class Node:
             )
             self.http.start()
         if self.scp is not None:
-            recover(self.storage, self.jobs)
+            if not self.receiver:
+                recover(self.storage, self.jobs)
             self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
         for n in range(self.n_workers):
+            from pacs_node.work.loop import Worker
+
             assert denoiser is not None
             w = Worker(self.config, self.jobs, self.storage, denoiser, metrics=self.metrics)
             w.name = f"{w.name}/{n}"
@@ -143,6 +224,8 @@ class Node:
             self._threads.append(t)
 
     def stop(self) -> None:
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.http is not None:

@@ -11,9 +11,11 @@ Two changes, both for speed, both optional (pynetdicom's own paths serve without
   and kill flags are still seen. It also closes a race in which the reactor steals a response
   meant for a sender on the same association (pynetdicom issues #435, #875).
 * **A say in accepting associations.** :func:`set_acceptance` gives an AE a check of the
-  calling AE title and the peer's address, run where pynetdicom checks the calling AE title; a
-  refusal is answered with the same A-ASSOCIATE-RJ (rejected-permanent, service-user, calling AE
-  title not recognised).
+  association, its calling AE title and the peer's address, run where pynetdicom checks the
+  calling AE title; a refusal is answered with the same A-ASSOCIATE-RJ (rejected-permanent,
+  service-user, calling AE title not recognised), or, for a :class:`Busy` one, as pynetdicom
+  answers its own association limit (rejected-transient, service-provider, local limit
+  exceeded).
 * **Streamed P-DATA.** While an association of an AE given to :func:`attach` is established
   (Sta6), its DUL thread reads each P-DATA-TF PDU whole and hands it to a router
   (:mod:`pacs_node.receive.stream`) instead of pynetdicom's state machine; every other PDU and
@@ -81,8 +83,14 @@ PRIVATE: dict[str, tuple[str, ...]] = {
 
 _originals: dict[tuple[Any, str], Any] = {}
 _routers: weakref.WeakKeyDictionary[Any, Callable[[Any], Router]] = weakref.WeakKeyDictionary()
-# AE -> check(calling AE title, peer address) -> why the association is refused, or None
-Acceptance = Callable[[str, str], "str | None"]
+
+
+class Busy(str):
+    """A refusal for now, not for good: the node's association limit is reached."""
+
+
+# AE -> check(association, calling AE title, peer address) -> why it is refused, or None
+Acceptance = Callable[[Any, str, str], "str | None"]
 _acceptance: weakref.WeakKeyDictionary[Any, Acceptance] = weakref.WeakKeyDictionary()
 
 
@@ -187,8 +195,8 @@ def attach(ae: Any, router: Callable[[Any], Router]) -> bool:
 
 
 def set_acceptance(ae: Any, check: Acceptance) -> bool:
-    """Let ``check(calling AE title, peer address)`` refuse associations to ``ae`` (it returns
-    the reason, or None to go on). False where the patches are not installed."""
+    """Let ``check(association, calling AE title, peer address)`` refuse associations to ``ae``
+    (it returns the reason, or None to go on). False where the patches are not installed."""
     if not install():
         return False
     _acceptance[ae] = check
@@ -349,11 +357,14 @@ def _patched_negotiate(original: Callable[[Any], None]) -> Callable[[Any], None]
         if check is not None:
             rq = self.requestor.primitive
             calling = str(rq.calling_ae_title).strip()
-            why = check(calling, str(self.requestor.address))
+            why = check(self.assoc, calling, str(self.requestor.address))
             if why is not None:
                 self.requestor.ae_title = rq.calling_ae_title
                 self.assoc._ldct_refusal = why  # for the EVT_REJECTED log line
-                self.send_reject(0x01, 0x01, 0x03)  # permanent, service-user, calling AE title
+                if isinstance(why, Busy):
+                    self.send_reject(0x02, 0x03, 0x02)  # transient, provider, local limit
+                else:
+                    self.send_reject(0x01, 0x01, 0x03)  # permanent, user, calling AE title
                 evt.trigger(self.assoc, evt.EVT_REJECTED, {})
                 self.assoc.kill()
                 return

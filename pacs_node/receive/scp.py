@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
+import socketserver
 import ssl
+import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -13,6 +17,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacs_node import pynetdicom_compat as compat
 from pacs_node.config import NodeConfig
 from pacs_node.receive import stream
+from pacs_node.receive.slots import AssociationSlots
 from pacs_node.status import Status
 
 if TYPE_CHECKING:
@@ -32,7 +37,7 @@ def address_check(node: NodeConfig) -> compat.Acceptance:
     (``"CT1@10.2.0.0/24"`` in node.allowed_calling_ae_titles)."""
     callers = node.callers
 
-    def check(calling: str, address: str) -> str | None:
+    def check(assoc: Any, calling: str, address: str) -> str | None:
         networks = callers.get(calling, ())
         if not networks:
             return None
@@ -85,8 +90,26 @@ def make_ssl_context(node: NodeConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """Binds with SO_REUSEPORT: every receiving process listens on the same port and the kernel
+    spreads new connections over them."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        # as pynetdicom's, less forgetting it in the AE's list of servers it never joined
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class StorageSCP:
-    """One listening AE. ``start()`` returns once the port is bound; ``stop()`` closes it."""
+    """One listening AE. ``start()`` returns once the port is bound; ``stop()`` closes it.
+
+    With ``slots`` (``node.receive_processes`` > 1) it shares its port with the other receiving
+    processes, and node.max_associations counts the associations of all of them."""
 
     def __init__(
         self,
@@ -94,6 +117,7 @@ class StorageSCP:
         handlers: list[Any] | None = None,
         storage_syntaxes: list[str] | None = None,
         stream_to: Intake | None = None,
+        slots: Path | None = None,
     ) -> None:
         self.config = node
         compat.install()
@@ -110,11 +134,11 @@ class StorageSCP:
         if not node.accepts_any_caller:
             self.ae.require_calling_aet = list(node.callers)
         self._check_address = address_check(node)
-        # A title bound to addresses: refused at negotiation where the patches serve; else
-        # (pynetdicom's own path) aborted as soon as it is accepted, before any data.
-        self.binds = any(node.callers.values()) and not compat.set_acceptance(
-            self.ae, self._check_address
-        )
+        self.slots = AssociationSlots(slots, node.max_associations) if slots else None
+        # A title bound to addresses, or no free slot: refused at negotiation where the patches
+        # serve; else (pynetdicom's own path) aborted as soon as it is accepted, before any data.
+        checked = any(node.callers.values()) or self.slots is not None
+        self.binds = checked and not compat.set_acceptance(self.ae, self._check)
         self.ae.add_supported_context(VERIFICATION)
         if storage_syntaxes:
             # Every storage SOP class is accepted at negotiation so that a non-CT instance gets a
@@ -126,24 +150,46 @@ class StorageSCP:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_CONN_OPEN, compat.set_nodelay),
             (evt.EVT_REJECTED, handle_rejected, [node]),
+            *([(evt.EVT_CONN_CLOSE, self._give_back)] if self.slots else []),
             *(handlers or []),
         ]
         self.server: ThreadedAssociationServer | None = None
 
+    def _check(self, assoc: Any, calling: str, address: str) -> str | None:
+        why = self._check_address(assoc, calling, address)
+        if why is None and self.slots is not None and not self.slots.take(id(assoc)):
+            n = self.config.max_associations
+            return compat.Busy(f"node.max_associations ({n}) reached across receiving processes")
+        return why
+
+    def _give_back(self, event: evt.Event) -> None:
+        assert self.slots is not None
+        self.slots.give_back(id(event.assoc))
+
     def _abort_unbound(self, event: evt.Event) -> None:
         rq = event.assoc.requestor
-        why = self._check_address(str(rq.ae_title).strip(), str(rq.address))
+        why = self._check(event.assoc, str(rq.ae_title).strip(), str(rq.address))
         if why is not None:
             logger.warning("association aborted: %s", why)
             event.assoc.abort()
 
     def start(self) -> None:
-        self.server = self.ae.start_server(
-            (self.config.bind, self.config.port),
-            block=False,
-            evt_handlers=self._handlers,
-            ssl_context=make_ssl_context(self.config),
-        )
+        address = (self.config.bind, self.config.port)
+        ssl_context = make_ssl_context(self.config)
+        if self.slots is None:
+            self.server = self.ae.start_server(
+                address, block=False, evt_handlers=self._handlers, ssl_context=ssl_context
+            )
+        else:
+            self.server = self.ae.make_server(
+                address,
+                evt_handlers=self._handlers,
+                ssl_context=ssl_context,
+                server_class=SharedPortServer,
+            )
+            threading.Thread(
+                target=self.server.serve_forever, name="AcceptorServer", daemon=True
+            ).start()
         logger.info(
             "listening as %s on %s:%d%s",
             self.config.ae_title,

@@ -25,18 +25,21 @@ def storescu_args(port: int, files: list[Path], aec: str = "LDCT_DENOISE") -> li
     ]
 
 
-def start_node(work: Path, port: int, extra: str = "", node: str = "") -> subprocess.Popen[bytes]:
+def start_node(
+    work: Path, port: int, extra: str = "", node: str = "", log: Path | None = None
+) -> subprocess.Popen[bytes]:
     """`pacs-node serve` on ``port`` with its data under ``work`` (``node``: more [node] keys,
-    ``extra``: more tables); returns once it listens."""
+    ``extra``: more tables, ``log``: where its log goes); returns once it listens."""
     work.mkdir(parents=True, exist_ok=True)
     config = work / "config.toml"
     config.write_text(
         f'[node]\nbind = "127.0.0.1"\nport = {port}\n{node}[storage]\nmin_free_bytes = 0\n{extra}'
     )
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child keeps it
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "pacs-node"), "serve", "--config", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_port(port, timeout=120)

@@ -3,8 +3,10 @@
     .venv/bin/python bench/latency.py [--slices 200] [--rate 8] [--runs 3]
 
 A pynetdicom sender in this process sends ``--slices`` 512^2 slices at ``--rate`` slices per
-second (one association, released at the end) to `pacs-node serve` (one worker, the shipped model
-on the CPU, batch 8), which forwards to a pynetdicom SCP in this process. Each run alternates two
+second (one association, released at the end; files sent as stored, so that the sender, which
+shares this machine's two cores where a scanner would not, costs as little as it can) to
+`pacs-node serve` (one worker, the shipped model on the CPU, batch 8), which forwards to a
+pynetdicom SCP in this process. Each run alternates two
 node set-ups on the same slices:
 
 * ``release``: ``complete_on = ["quiet", "release"]`` and denoising while receiving (the design);
@@ -58,7 +60,13 @@ def _denoised(db: Path) -> int:
 
 
 def one_run(
-    work: Path, files: list[Path], setup: str, rate: float, quiet: float, pure: float
+    work: Path,
+    files: list[Path],
+    setup: str,
+    rate: float,
+    quiet: float,
+    pure: float,
+    log: Path | None = None,
 ) -> dict[str, float]:
     from pynetdicom import AE, evt
 
@@ -87,8 +95,8 @@ def one_run(
         "[model]\nbatch_size = 8\n"
         f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
         "[http]\nenabled = false\n",
+        log=log,
     )
-    datasets = [pydicom.dcmread(f) for f in files]
     try:
         sender = AE("STORESCU")
         sender.add_requested_context("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
@@ -96,11 +104,11 @@ def one_run(
         if not assoc.is_established:
             raise RuntimeError("the node refused the association")
         t0 = time.perf_counter()
-        for k, ds in enumerate(datasets):
+        for k, path in enumerate(files):
             delay = t0 + k / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(path)  # sent as stored: a scanner's CPU is not ours
             if status.Status != 0:
                 raise RuntimeError(f"C-STORE status 0x{status.Status:04X}")
         t_ack = time.perf_counter()
@@ -136,11 +144,15 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=10.0, help="queue.series_quiet_seconds")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--setups", default="release,quiet", help="comma list of release,quiet")
+    ap.add_argument("--node-log", type=Path, help="append the node's log here")
     args = ap.parse_args()
     setups = args.setups.split(",")
+    from pynetdicom import _config
+
     from pacs_node import pynetdicom_compat
 
     pynetdicom_compat.install()  # the destination answers without pynetdicom's 1 ms polling
+    _config.STORE_SEND_CHUNKED_DATASET = True  # the sender sends files without decoding them
     rows: dict[str, list[dict[str, float]]] = {s: [] for s in setups}
     pures: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -156,7 +168,7 @@ def main() -> None:
             del den
             pures.append(pure)
             for setup in setups if run % 2 == 0 else setups[::-1]:
-                r = one_run(work, files, setup, args.rate, args.quiet, pure)
+                r = one_run(work, files, setup, args.rate, args.quiet, pure, args.node_log)
                 rows[setup].append(r)
                 print(
                     f"run {run + 1} {setup:8s} pure {pure:6.1f} s  sent {r['send']:5.1f} s  "

@@ -13,6 +13,7 @@ from pacs_node.work.dicom_io import read_hu
 from pacs_node.work.quality import measure
 from tests.conftest import BIN, require_tool, wait_for
 from tests.peers import Orthanc
+from tests.shipped import acceptance
 from train import synth
 from unit_model.checkpoint import SHIPPED
 
@@ -67,12 +68,13 @@ def _derived_from_orthanc(orthanc: Orthanc, tmp_path: Path) -> list[Path]:
 def test_series_into_orthanc_same_study_valid_and_idempotent(
     tmp_path: Path, node_factory, quarter_dose: list[Path]
 ) -> None:
-    """The pipeline with the shipped model and the default quality gate: Orthanc gets one derived
-    series of 30 in the source's study, every file passes dciodvfy, and sending the series again
-    leaves 30 derived instances, not 60."""
+    """The pipeline with the shipped model, forwarding whatever the gate says (so that this holds
+    for any weights): Orthanc gets one derived series of 30 in the source's study, every file
+    passes dciodvfy, and sending the series again leaves 30 derived instances, not 60."""
     orthanc = Orthanc(tmp_path).start()
     try:
-        node = node_factory(_config(orthanc), workers=1).start()
+        gate = "[quality]\nforward_on_failure = true\n"
+        node = node_factory(_config(orthanc, gate), workers=1).start()
         job = _send_and_wait(node, quarter_dose)
         assert job["state"] == "done", job
         derived = _derived_from_orthanc(orthanc, tmp_path)
@@ -94,9 +96,11 @@ def test_series_into_orthanc_same_study_valid_and_idempotent(
 
 
 @pytest.mark.slow
+@acceptance
 def test_shipped_model_lowers_noise_without_hu_bias(
     tmp_path: Path, node_factory, quarter_dose: list[Path]
 ) -> None:
+    """With the default quality gate, the shipped model's series is forwarded, less noisy."""
     assert SHIPPED.exists(), "the shipped checkpoint is missing"
     orthanc = Orthanc(tmp_path).start()
     try:

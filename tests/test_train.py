@@ -386,6 +386,16 @@ def test_synth_from_a_pacs_export(tmp_path: Path) -> None:
         assert "Error" not in check.stdout + check.stderr, check.stdout + check.stderr
         ds = pydicom.dcmread(f)
         assert "simulated" in ds.ImageComments.lower() and ds.ImageType[0] == "DERIVED"
+    # --repeat: each simulation of the one CT_small slice is a case of its own, paired with its
+    # own copy of the regular dose (which keeps the source's UIDs)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "ct.dcm").write_bytes(ct_small.read_bytes())
+    synth.synthesize_from(one, tmp_path / "rep", dose=synth.DoseChoice(0.25, 0.25), repeat=3)
+    matched = pairs(*split_by_dose(read_series(tmp_path / "rep")))
+    assert len(matched) == 3
+    lows = [ld.slices for ld, _ in matched]
+    assert not np.array_equal(lows[0], lows[1])  # independent noise
 
 
 def test_heldout_evaluation_leaves_the_generator_trainable(tiny_set: Path) -> None:

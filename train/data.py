@@ -48,8 +48,10 @@ class Series:
 
 
 def read_series(root: Path) -> list[Series]:
-    """Every CT series under ``root``, slices sorted along the patient z axis."""
-    groups: dict[str, list[tuple[float, pydicom.Dataset, Path]]] = defaultdict(list)
+    """Every CT series under ``root``, slices sorted along the patient z axis. A series is its
+    SeriesInstanceUID in one folder: the same series copied to two folders (``synth --from
+    --repeat`` keeps each regular dose's UIDs) counts twice."""
+    groups: dict[tuple[str, Path], list[tuple[float, pydicom.Dataset, Path]]] = defaultdict(list)
     for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path)
@@ -59,9 +61,9 @@ def read_series(root: Path) -> list[Series]:
             continue
         pos = ds.get("ImagePositionPatient")
         z = float(pos[2]) if pos else float(ds.get("InstanceNumber", 0) or 0)
-        groups[str(ds.SeriesInstanceUID)].append((z, ds, path))
+        groups[(str(ds.SeriesInstanceUID), path.parent)].append((z, ds, path))
     out = []
-    for uid, items in groups.items():
+    for (uid, _), items in groups.items():
         items.sort(key=lambda t: t[0])
         slices = np.stack([read_hu(ds) for _, ds, _ in items])
         first = items[0]

@@ -225,6 +225,32 @@ def evaluate_pairs(
     return results
 
 
+def unmet(overall: dict[str, dict[str, float]], model: str) -> list[str]:
+    """The points of the shipped model's acceptance that ``model`` misses on one evaluated set
+    (``overall`` as ``evaluate_pairs`` returns it, low dose first, classical baselines by their
+    names): PSNR at least 1 dB above the best classical method's and SSIM at least the best
+    classical SSIM; noise SD in uniform regions at most half the low dose's; |HU bias| at most
+    2 HU."""
+    low, got = overall["low dose"], overall[model]
+    names = {b.name for b in BASELINES.values()}
+    classical = {m: r for m, r in overall.items() if m in names}
+    problems = []
+    if classical:
+        best_name, best = max(classical.items(), key=lambda kv: kv[1]["psnr"])
+        if got["psnr"] < best["psnr"] + 1.0:
+            problems.append(f"PSNR {got['psnr']:.2f} dB < {best_name} {best['psnr']:.2f} + 1 dB")
+        ssim_name, ssim_best = max(classical.items(), key=lambda kv: kv[1]["ssim"])
+        if got["ssim"] < ssim_best["ssim"]:
+            problems.append(f"SSIM {got['ssim']:.4f} < {ssim_name} {ssim_best['ssim']:.4f}")
+    if got["noise_sd"] > 0.5 * low["noise_sd"]:
+        problems.append(
+            f"noise SD {got['noise_sd']:.2f} HU > half the low dose's {low['noise_sd']:.2f} HU"
+        )
+    if abs(got["bias"]) > 2.0:
+        problems.append(f"HU bias {got['bias']:+.2f} beyond 2 HU")
+    return problems
+
+
 def markdown_table(
     overall: dict[str, dict[str, float]],
     pairs_count: int,

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
-from pacs_node.jobs import queries
+from pacs_node.jobs import queries, report_queries
 from pacs_node.jobs.db import Database
 
 
@@ -105,4 +105,4 @@ class Recording(Database):
 
     def known_paths(self) -> set[str]:
         with self.engine.connect() as conn:
-            return {r[0] for r in conn.execute(queries.known_paths())}
+            return {r[0] for r in conn.execute(report_queries.known_paths())}

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pacs_node.jobs import queries
+from pacs_node.jobs import report_queries
 from pacs_node.jobs.db import Database
 
 
@@ -43,7 +43,7 @@ class Reports(Database):
     def list_jobs(self, job_id: int | None = None, limit: int = 200) -> list[JobRow]:
         """The newest jobs (or one), with their instances counted by state."""
         with self.engine.connect() as conn:
-            rows = conn.execute(queries.job_list(job_id, limit)).mappings().all()
+            rows = conn.execute(report_queries.job_list(job_id, limit)).mappings().all()
             per_destination = self._per_destination(conn, [r["id"] for r in rows])
         return [
             JobRow(
@@ -78,7 +78,7 @@ class Reports(Database):
         out: dict[int, dict[str, dict[str, Any]]] = {}
         if not ids:
             return out
-        for r in conn.execute(queries.job_destinations_of(ids)):
+        for r in conn.execute(report_queries.job_destinations_of(ids)):
             out.setdefault(r.job_id, {})[r.destination] = {
                 "state": r.state,
                 "attempts": int(r.attempts),
@@ -87,7 +87,7 @@ class Reports(Database):
                 "pending": 0,
                 "failed": 0,
             }
-        for r in conn.execute(queries.delivery_counts(ids)):
+        for r in conn.execute(report_queries.delivery_counts(ids)):
             entry = out.get(r.job_id, {}).get(r.destination)
             if entry is not None:
                 entry[r.state] = int(r.n)
@@ -98,12 +98,12 @@ class Reports(Database):
         destination that gave up), and the newest error."""
         out: dict[str, dict[str, Any]] = {}
         with self.engine.connect() as conn:
-            for r in conn.execute(queries.delivery_totals()):
+            for r in conn.execute(report_queries.delivery_totals()):
                 entry = out.setdefault(
                     r.destination, {"delivered": 0, "pending": 0, "failed": 0, "last_error": None}
                 )
                 entry[r.state] += int(r.n)
-            for r in conn.execute(queries.last_destination_errors()):
+            for r in conn.execute(report_queries.last_destination_errors()):
                 out.setdefault(
                     r.destination, {"delivered": 0, "pending": 0, "failed": 0, "last_error": None}
                 )["last_error"] = r.last_error
@@ -111,4 +111,4 @@ class Reports(Database):
 
     def count_by_state(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            return {r[0]: int(r[1]) for r in conn.execute(queries.jobs_by_state())}
+            return {r[0]: int(r[1]) for r in conn.execute(report_queries.jobs_by_state())}

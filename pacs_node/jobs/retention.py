@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from pacs_node.jobs import queries
+from pacs_node.jobs import queries, report_queries
 from pacs_node.jobs.db import Database
 from pacs_node.jobs.leases import Claim
 from pacs_node.jobs.schema import InstanceState
@@ -22,14 +22,14 @@ class Retention(Database):
         """Delivered instances of done jobs finished before ``older_than`` whose files have not
         been removed yet."""
         with self.engine.connect() as conn:
-            rows = conn.execute(queries.expired(older_than, limit)).all()
+            rows = conn.execute(report_queries.expired(older_than, limit)).all()
         return [(int(r.id), r.path, r.derived_path) for r in rows]
 
     def forget_files(self, ids: list[int]) -> None:
         """Record that the files of these instances were removed."""
         if ids:
             with self.transaction() as conn:
-                conn.execute(queries.forget_files(ids))
+                conn.execute(report_queries.forget_files(ids))
 
     def remove_files(self, storage: Storage, items: Files) -> None:
         for _, path, derived in items:

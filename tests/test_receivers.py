@@ -28,10 +28,19 @@ def _node(node_factory, max_associations: int = 8):  # type: ignore[no-untyped-d
 
 
 def _receivers(node) -> list[int]:  # type: ignore[no-untyped-def]
-    out = subprocess.run(
-        ["pgrep", "-f", f"pacs-node receive --config {node.config}"], capture_output=True, text=True
-    )
-    return [int(p) for p in out.stdout.split()]
+    """The receiving processes `serve` started for ``node`` (from /proc, no procps needed)."""
+    wanted = ["receive", "--config", str(node.config)]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and any(
+            args[k : k + 3] == wanted for k in range(len(args)) if args[k - 1].endswith("pacs-node")
+        ):
+            pids.append(int(proc.name))
+    return pids
 
 
 def _serving(pids: list[int], node_port: int, peer_port: int) -> int | None:

@@ -251,14 +251,6 @@ def instances_in(job_id: int, state: InstanceState) -> Any:
     )
 
 
-def count_instances_in(job_id: int, state: InstanceState) -> Any:
-    return (
-        sa.select(sa.func.count())
-        .select_from(instances)
-        .where(i.job_id == job_id, i.state == state.value)
-    )
-
-
 def set_instances(ids: list[int], state: InstanceState, now: float, **values: Any) -> Any:
     return (
         instances.update().where(i.id.in_(ids)).values(state=state.value, updated_at=now, **values)

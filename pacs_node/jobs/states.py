@@ -10,14 +10,6 @@ from pacs_node.jobs.schema import InstanceState, JobState
 
 
 class StateChanges(Leases):
-    def has_received(self, claim: Claim) -> bool:
-        """Whether instances of the job wait to be denoised."""
-        with self.engine.connect() as conn:
-            n = conn.execute(
-                queries.count_instances_in(claim.job_id, InstanceState.RECEIVED)
-            ).scalar_one()
-        return bool(n)
-
     def pending_instances(
         self, claim: Claim, state: InstanceState
     ) -> list[tuple[int, str, str | None]]:

@@ -34,10 +34,6 @@ class AssociationSlots:
             return True
         return False
 
-    def holds(self, key: object) -> bool:
-        with self._lock:
-            return key in self._held
-
     def give_back(self, key: object) -> None:
         with self._lock:
             fd = self._held.pop(key, None)

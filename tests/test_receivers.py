@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -99,6 +100,8 @@ def test_max_associations_counts_every_process(tmp_path: Path, node_factory) -> 
     from pynetdicom import AE
 
     node = _node(node_factory, max_associations=2)
+    # Connections that never negotiate (port probes) are no associations: a few on every process.
+    probes = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(18)]
     ae = AE("STORESCU")
     ae.add_requested_context("1.2.840.10008.1.1")
     held = [ae.associate("127.0.0.1", node.port, ae_title="LDCT_DENOISE") for _ in range(2)]
@@ -113,6 +116,8 @@ def test_max_associations_counts_every_process(tmp_path: Path, node_factory) -> 
     finally:
         for a in held:
             a.release()
+        for p in probes:
+            p.close()
     assert node.storescu(*map(str, files)).returncode == 0  # slots given back
 
 

@@ -125,7 +125,10 @@ class StorageSCP:
         # C-STORE data sets straight to the intake's files as they arrive; where that cannot be
         # installed, the intake's EVT_C_STORE handler (in ``handlers``) serves instead.
         self.streaming = stream_to is not None and stream.attach(self.ae, stream_to)
-        self.ae.maximum_associations = node.max_associations
+        # pynetdicom's own limit counts every connection's thread, negotiated or not (a port probe,
+        # a half-open socket); where the slots count the node's associations, it only bounds those
+        # threads, far above the limit the slots keep.
+        self.ae.maximum_associations = node.max_associations + (64 if slots else 0)
         self.ae.maximum_pdu_size = node.max_pdu_size
         self.ae.network_timeout = node.network_timeout_seconds
         self.ae.acse_timeout = node.network_timeout_seconds

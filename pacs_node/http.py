@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -106,8 +107,10 @@ class HttpServer:
         metrics: Metrics,
         model_loaded: bool | None,
         token: str | None = None,
+        others: Path | None = None,
     ) -> None:
         self.jobs, self.storage, self.metrics = jobs, storage, metrics
+        self.exposed = metrics.exposed(others)  # with the other receiving processes' counters
         self.model_loaded = model_loaded
         self.token = token  # when set, every page but /metrics and /healthz needs it
         metrics.registry.register(_QueueCollector(jobs))
@@ -139,7 +142,7 @@ class HttpServer:
                     self.end_headers()
                     return
                 if path == "/metrics":
-                    self._send(200, generate_latest(outer.metrics.registry), CONTENT_TYPE)
+                    self._send(200, generate_latest(outer.exposed), CONTENT_TYPE)
                 elif path == "/healthz":
                     ok, checks = health(
                         outer.jobs, outer.storage, outer.model_loaded, outer.metrics

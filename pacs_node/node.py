@@ -16,7 +16,7 @@ from pacs_node.config import Config
 from pacs_node.errors import PermanentError
 from pacs_node.http import HttpServer
 from pacs_node.jobs import JobStore
-from pacs_node.metrics import Metrics
+from pacs_node.metrics import Metrics, Publisher
 from pacs_node.receive.intake import Intake
 from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from pacs_node.receive.scp import StorageSCP
@@ -148,6 +148,11 @@ class Node:
             else None
         )
         self.receivers = Receivers(config) if receive and shared and not receiver else None
+        # the other receiving processes' counters, summed into this one's /metrics
+        self.published = self.storage.root / "run" / "metrics" if shared else None
+        self.publisher = (
+            Publisher(self.metrics, self.published) if receiver and self.published else None
+        )
         self.n_workers = config.worker.count if workers is None else workers
         self.workers: list[Worker] = []
         self._threads: list[threading.Thread] = []
@@ -204,6 +209,7 @@ class Node:
                 self.metrics,
                 model_loaded=None if not self.n_workers else denoiser is not None,
                 token=os.environ.get(h.token_env) if h.token_env else None,
+                others=self.published,
             )
             self.http.start()
         if self.scp is not None:
@@ -211,7 +217,12 @@ class Node:
                 recover(self.storage, self.jobs)
             self.scp.start()
         if self.receivers is not None:
+            assert self.published is not None
+            for stale in self.published.glob("*.json"):  # counts of the node's last run
+                stale.unlink()
             self.receivers.start()
+        if self.publisher is not None:
+            self.publisher.start()
         for n in range(self.n_workers):
             from pacs_node.work.loop import Worker
 
@@ -228,6 +239,8 @@ class Node:
             self.receivers.stop()
         if self.scp is not None:
             self.scp.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
         if self.http is not None:
             self.http.stop()
         self._stop.set()

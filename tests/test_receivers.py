@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 
 from tests.conftest import dcmtk_env, make_series, require_tool, wait_for
+from tests.test_http import samples
 
 SHARED = "receive_processes = 3\n"
 
@@ -94,6 +95,11 @@ def test_concurrent_senders_spread_over_the_processes(tmp_path: Path, node_facto
     sent = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for s in series for f in s}
     assert _recorded(node) == sent
     assert sorted(j["received"] for j in node.status()) == [12, 12, 12, 12]
+    # /metrics counts what every process received (the others publish once a second)
+    received = ("pacs_node_instances_received_total", ())
+    wait_for(lambda: samples(node.http_port).get(received) == 48, 10, "48 received in /metrics")
+    released = ("pacs_node_associations_total", (("outcome", "released"),))
+    assert samples(node.http_port)[released] == 4
 
 
 def test_max_associations_counts_every_process(tmp_path: Path, node_factory) -> None:

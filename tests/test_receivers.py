@@ -97,9 +97,15 @@ def test_concurrent_senders_spread_over_the_processes(tmp_path: Path, node_facto
     assert sorted(j["received"] for j in node.status()) == [12, 12, 12, 12]
     # /metrics counts what every process received (the others publish once a second)
     received = ("pacs_node_instances_received_total", ())
-    wait_for(lambda: samples(node.http_port).get(received) == 48, 10, "48 received in /metrics")
     released = ("pacs_node_associations_total", (("outcome", "released"),))
-    assert samples(node.http_port)[released] == 4
+    wait_for(
+        lambda: (
+            {k: samples(node.http_port).get(k) for k in (received, released)}
+            == {received: 48, released: 4}
+        ),
+        10,
+        "48 instances and 4 released associations in /metrics",
+    )
 
 
 def test_max_associations_counts_every_process(tmp_path: Path, node_factory) -> None:

@@ -159,7 +159,10 @@ class Publisher:
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
-            self.publish()
+            try:
+                self.publish()
+            except OSError as err:  # a full disk: /metrics lags, receiving goes on
+                logger.warning("publishing this process's metrics failed: %s", err)
 
     def publish(self) -> None:
         counts = self.metrics.counts()

@@ -54,8 +54,8 @@ class Worker:
         self.completion = Completion(
             q.series_quiet_seconds, "release" in q.complete_on, q.release_grace_seconds
         )
-        # denoise a series while it arrives, a chunk at a time
-        self.early_chunk = max(config.model.batch_size, 16) if q.denoise_while_receiving else 0
+        # denoise a series while it arrives, starting as soon as one batch of the network waits
+        self.early_chunk = config.model.batch_size if q.denoise_while_receiving else 0
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:

@@ -14,7 +14,8 @@ node set-ups on the same slices:
   before: wait for ``series_quiet_seconds`` of silence, then denoise it all).
 
 Pure compute is Denoiser.denoise_hu over the same slices in this process (batch 8), measured in
-each run before the node starts. Reported per run and as the median with the range:
+each run before and after the node's set-ups (their mean). Reported per run and as the median
+with the range:
 
 * ratio = pure compute / (first slice sent -> last derived instance received); target >= 0.95;
 * tail = last slice acknowledged -> last derived received, against the compute still left at
@@ -65,7 +66,6 @@ def one_run(
     setup: str,
     rate: float,
     quiet: float,
-    pure: float,
     log: Path | None = None,
 ) -> dict[str, float]:
     from pynetdicom import AE, evt
@@ -120,17 +120,27 @@ def one_run(
         node.terminate()
         node.wait()
         server.shutdown()
-    wall = received[-1] - t0
-    tail = received[-1] - t_ack
-    left = pure * (n - denoised_at_ack) / n
     return {
-        "wall": wall,
-        "ratio": pure / wall,
-        "tail": tail,
-        "left": left,
-        "over": tail - left,
+        "wall": received[-1] - t0,
+        "tail": received[-1] - t_ack,
         "send": t_ack - t0,
+        "denoised_at_ack": denoised_at_ack,
     }
+
+
+def _against(r: dict[str, float], pure: float, n: int) -> dict[str, float]:
+    """The run's figures against pure compute: the ratio, and the compute still left at the
+    last acknowledgement (pure compute x the share of slices not denoised then)."""
+    left = pure * (n - r["denoised_at_ack"]) / n
+    return {"ratio": pure / r["wall"], "left": left, "over": r["tail"] - left}
+
+
+def _pure(hu: np.ndarray) -> float:
+    den = Denoiser.from_checkpoint(None, device="cpu", batch_size=8)
+    den.denoise_hu(hu[:2])  # warm-up
+    t = time.perf_counter()
+    den.denoise_hu(hu)
+    return time.perf_counter() - t
 
 
 def _summary(values: list[float]) -> str:
@@ -160,19 +170,23 @@ def main() -> None:
         files = simple_series(work / "series", n=args.slices, size=512, seed=3, noise_sd=15)
         hu = np.stack([read_hu(pydicom.dcmread(f)) for f in files])
         for run in range(args.runs):
-            den = Denoiser.from_checkpoint(None, device="cpu", batch_size=8)
-            den.denoise_hu(hu[:2])  # warm-up
-            t = time.perf_counter()
-            den.denoise_hu(hu)
-            pure = time.perf_counter() - t
-            del den
-            pures.append(pure)
+            # pure compute before and after the node's runs: a shared machine drifts by several
+            # per cent within minutes, and one side alone would hand that drift to the ratio
+            before = _pure(hu)
+            results = []
             for setup in setups if run % 2 == 0 else setups[::-1]:
-                r = one_run(work, files, setup, args.rate, args.quiet, pure, args.node_log)
+                r = one_run(work, files, setup, args.rate, args.quiet, args.node_log)
+                results.append((setup, r))
+            after = _pure(hu)
+            pure = (before + after) / 2
+            pures.append(pure)
+            for setup, r in results:
+                r.update(_against(r, pure, args.slices))
                 rows[setup].append(r)
                 print(
-                    f"run {run + 1} {setup:8s} pure {pure:6.1f} s  sent {r['send']:5.1f} s  "
-                    f"wall {r['wall']:6.1f} s  ratio {r['ratio']:.3f}  tail {r['tail']:5.1f} s "
+                    f"run {run + 1} {setup:8s} pure {pure:6.1f} s ({before:.1f} before, "
+                    f"{after:.1f} after)  sent {r['send']:5.1f} s  wall {r['wall']:6.1f} s  "
+                    f"ratio {r['ratio']:.3f}  tail {r['tail']:5.1f} s "
                     f"(compute left {r['left']:5.1f} s, over {r['over']:+5.1f} s)",
                     flush=True,
                 )

@@ -1,7 +1,6 @@
 """Receive throughput into the node vs into DCMTK storescp, one sender and several at once.
 
     .venv/bin/python bench/intake.py [--images 200] [--runs 3] [--senders 4] [--processes 2]
-                                     [--journal-mib N]
 
 One association: 200 x 512^2 CT from one DCMTK storescu, into `pacs-node serve` (one receiving
 process) and into `storescp`. Several: ``--senders`` storescu processes at once, each sending
@@ -9,9 +8,8 @@ process) and into `storescp`. Several: ``--senders`` storescu processes at once,
 into `storescp --fork`. Wall time runs from the first sender's start to the last one's end.
 Receivers run on loopback in the same run, alternating; DCMTK's with TCP_NODELAY=1 (it stalls
 ~45 ms per C-STORE without it). The node runs with workers = 0 (receive only) and does
-everything it does in production: validation, the intake journal's synced write (or, with
-``--journal-mib 0``, temp file, fsync, rename, folder fsync), the file, the job-table
-transaction (SQLite WAL). Prints images/s per receiver (median of the runs, with each
+everything it does in production: validation, temp file, fsync, rename, folder fsync, the
+job-table transaction (SQLite WAL). Prints images/s per receiver (median of the runs, with each
 run) and the ratios node / storescp.
 """
 
@@ -73,13 +71,12 @@ def run_storescp(work: Path, parts: list[list[Path]]) -> float:
         shutil.rmtree(out)
 
 
-def run_node(work: Path, parts: list[list[Path]], processes: int, journal: int | None) -> float:
+def run_node(work: Path, parts: list[list[Path]], processes: int) -> float:
     port = free_port()
-    storage = "" if journal is None else f"journal_mib = {journal}\n"  # after [storage]
     proc = start_node(
         work / "node",
         port,
-        f"{storage}[worker]\ncount = 0\n[http]\nenabled = false\n",
+        "[worker]\ncount = 0\n[http]\nenabled = false\n",
         node=f"receive_processes = {processes}\nmax_associations = 16\n",
     )
     try:
@@ -98,7 +95,6 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--senders", type=int, default=4, help="0: the one-association case only")
     ap.add_argument("--processes", type=int, default=2, help="node.receive_processes for them")
-    ap.add_argument("--journal-mib", type=int, help="storage.journal_mib (default: the node's)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -116,8 +112,7 @@ def main() -> None:
             node_rates, dcmtk_rates = [], []
             for _ in range(args.runs):  # interleaved, so drift hits both alike
                 dcmtk_rates.append(args.images / run_storescp(work, parts))
-                seconds = run_node(work, parts, processes, args.journal_mib)
-                node_rates.append(args.images / seconds)
+                node_rates.append(args.images / run_node(work, parts, processes))
             node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
             ratios = sorted(a / b for a, b in zip(node_rates, dcmtk_rates, strict=True))
             anchor = "storescp --fork" if len(parts) > 1 else "storescp"

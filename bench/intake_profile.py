@@ -1,14 +1,13 @@
 """Where one C-STORE's time goes in the node: the intake timed piece by piece, in one process.
 
-    .venv/bin/python bench/intake_profile.py [--images 200] [--pynetdicom] [--no-op] [--no-journal]
+    .venv/bin/python bench/intake_profile.py [--images 200] [--pynetdicom] [--no-op]
 
 DCMTK storescu sends 512² CT instances in one association to the node's Storage SCP running in
 this process; ``perf_counter`` hooks around the intake's pieces give medians per instance.
 ``--pynetdicom`` serves C-STORE through pynetdicom's own receive path (EVT_C_STORE) instead of
 pacs_node.receive.stream; ``--no-op`` answers Success without storing anything, which leaves the
 protocol, the sender and the header check (done while the data set arrives; on pynetdicom's
-path, once it has). The intake journal is on, as by default (``storage.journal_mib``);
-``--no-journal`` syncs each file of its own instead.
+path, once it has).
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from common import DCMTK_ENV, free_port, storescu_args
 from pacs_node import storage
 from pacs_node.config import NodeConfig
 from pacs_node.jobs import JobStore
-from pacs_node.receive import incoming, intake, journal, rules
+from pacs_node.receive import incoming, intake, rules
 from pacs_node.receive.scp import StorageSCP
 from train.synth import simple_series
 
@@ -59,7 +58,6 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--pynetdicom", action="store_true", help="pynetdicom's receive path")
     ap.add_argument("--no-op", action="store_true", help="answer Success, store nothing")
-    ap.add_argument("--no-journal", action="store_true", help="sync each file instead")
     args = ap.parse_args()
 
     from pynetdicom import transport
@@ -77,8 +75,6 @@ def main() -> None:
     timed(incoming, "validate", "while arriving: checks")
     timed(incoming.Incoming, "finish", "answering: durable write + record")
     timed(storage.Storage, "commit_temp", "  of answering: fsync, rename, folder fsync")
-    timed(journal.Journal, "append", "  of answering: journal append (one synced write)")
-
     timed(JobStore, "record_instance", "  of answering: job-table transaction")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,9 +84,6 @@ def main() -> None:
         jobs = JobStore(f"sqlite:///{work / 'jobs.sqlite'}")
         jobs.migrate()
         node_intake = intake.Intake(store, jobs)
-        if not args.no_journal:
-            node_intake.journal = journal.Journal(store.root / "journal", 128 << 20)
-            node_intake.journal.recover(store)
         scp = StorageSCP(
             NodeConfig(bind="127.0.0.1", port=free_port()),
             node_intake.handlers(),
@@ -105,13 +98,10 @@ def main() -> None:
                 subprocess.run(storescu_args(scp.port, files), check=True, env=DCMTK_ENV)
         finally:
             scp.stop()
-            if node_intake.journal is not None:
-                node_intake.journal.close()
             jobs.dispose()
     stores = responses[1:-1]  # without the A-ASSOCIATE-AC and the A-RELEASE-RP
     cycle = [b - a for a, b in itertools.pairwise(stores)]
     path = "pynetdicom's receive path" if args.pynetdicom else "pacs_node.stream"
-    path += "" if args.no_journal else ", intake journal"
     print(f"{args.images} instances through {path}{' (no-op handler)' if args.no_op else ''}")
     print(f"{'response to response':44s} {statistics.median(cycle) * 1e3:6.2f} ms")
     for label in order:

@@ -232,9 +232,7 @@ def run_demo(
         node_port = free_port()
         config = Config(
             node=NodeConfig(bind="127.0.0.1", port=node_port),
-            storage=StorageConfig(
-                data_dir=work / "node", min_free_bytes=0, keep_days=1, journal_mib=8
-            ),
+            storage=StorageConfig(data_dir=work / "node", min_free_bytes=0, keep_days=1),
             queue=QueueConfig(
                 database_url=f"sqlite:///{work}/node/jobs.sqlite", series_quiet_seconds=1
             ),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -19,7 +18,6 @@ from pacs_node.http import HttpServer
 from pacs_node.jobs import JobStore
 from pacs_node.metrics import Metrics, Publisher
 from pacs_node.receive.intake import Intake
-from pacs_node.receive.journal import Journal, recover_idle_slots
 from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from pacs_node.receive.scp import StorageSCP
 from pacs_node.storage import Storage, valid_uid
@@ -215,7 +213,6 @@ class Node:
             )
             self.http.start()
         if self.scp is not None:
-            self._open_journal()
             if not self.receiver:
                 recover(self.storage, self.jobs)
             self.scp.start()
@@ -237,34 +234,11 @@ class Node:
             self.workers.append(w)
             self._threads.append(t)
 
-    def _open_journal(self) -> None:
-        """This process's intake journal, recovered (with, in the serving process, those of the
-        receiving processes of an earlier run) before anything is received."""
-        mib = self.config.storage.journal_mib
-        folder, size = self.storage.root / "journal", mib << 19  # two files
-        if not mib:  # turned off: what a journal of an earlier run holds is recovered first
-            if folder.is_dir() and not self.receiver:
-                recover_idle_slots(folder, size, self.storage)
-                shutil.rmtree(folder)
-            return
-        journal = Journal(folder, size)
-        try:
-            if not self.receiver:
-                recover_idle_slots(folder, size, self.storage)
-            journal.recover(self.storage)
-        except BaseException:
-            journal.close()
-            raise
-        self.intake.journal = journal
-
     def stop(self) -> None:
         if self.receivers is not None:
             self.receivers.stop()
         if self.scp is not None:
             self.scp.stop()
-        if self.intake.journal is not None:
-            self.intake.journal.close()
-            self.intake.journal = None
         if self.publisher is not None:
             self.publisher.stop()
         if self.http is not None:

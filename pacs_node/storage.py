@@ -95,27 +95,23 @@ class Storage:
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644), tmp
 
-    def commit_temp(self, fd: int, tmp: Path, path: Path, sync: bool = True) -> None:
+    def commit_temp(self, fd: int, tmp: Path, path: Path) -> None:
         """fsync and close a temporary file from :meth:`open_temp`, rename it to ``path`` and
-        fsync the folder (``sync=False``: no fsyncs, for bytes already durable elsewhere, the
-        intake journal). On error the temporary file is removed and ``path`` is unchanged."""
+        fsync the folder. On error the temporary file is removed and ``path`` is unchanged."""
         try:
-            if sync:
-                os.fsync(fd)
+            os.fsync(fd)
             os.close(fd)
             fd = -1
             folder = path.parent
             if folder not in self._known_dirs:
                 folder.mkdir(parents=True, exist_ok=True)
-                if sync:
-                    fsync_dir(folder.parent)
-                    self._known_dirs.add(folder)
+                fsync_dir(folder.parent)
+                self._known_dirs.add(folder)
             os.replace(tmp, path)
         except BaseException:
             self.discard_temp(fd, tmp)
             raise
-        if sync:
-            fsync_dir(folder)
+        fsync_dir(folder)
 
     @staticmethod
     def discard_temp(fd: int, tmp: Path) -> None:

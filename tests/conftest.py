@@ -15,9 +15,6 @@ from tests.ports import free_port as free_port  # re-exported for the test helpe
 from tests.ports import port_open as port_open
 
 ROOT = Path(__file__).resolve().parents[1]
-# the nodes of the tests: no disk watermark, small intake journals (4 MiB files, 7 CT slices of
-# 512^2 each: they switch files and sync often)
-STORAGE = "[storage]\nmin_free_bytes = 0\njournal_mib = 8\n"
 BIN = Path(sys.executable).parent
 
 
@@ -117,7 +114,7 @@ class NodeProcess:
         self.config.write_text(
             f'[node]\nbind = "127.0.0.1"\nport = {self.port}\n'
             f'allowed_calling_ae_titles = ["STORESCU", "SENDER1", "SENDER2"]\n'
-            f"{STORAGE}"
+            f"[storage]\nmin_free_bytes = 0\n"
             + (f'data_dir = "{data_dir}"\n' if data_dir else "")
             + f"[worker]\ncount = {workers}\n"
             + ("" if "[http]" in extra else f"[http]\nport = {self.http_port}\n")

@@ -20,7 +20,6 @@ from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from tests.conftest import (
     PATIENT_ID,
     PATIENT_NAME,
-    STORAGE,
     NodeProcess,
     make_series,
     require_tool,
@@ -272,7 +271,11 @@ def test_tls_stores_and_refuses_plain(tmp_path: Path, node_factory) -> None:
     )
     # [node.tls] must follow [node]'s keys: rewrite the config with the table at the end
     text = node.config.read_text()
-    node.config.write_text(text.replace(STORAGE, "").replace("[node.tls]", f"{STORAGE}[node.tls]"))
+    node.config.write_text(
+        text.replace("[storage]\nmin_free_bytes = 0\n", "").replace(
+            "[node.tls]", "[storage]\nmin_free_bytes = 0\n[node.tls]"
+        )
+    )
     node.start()
     files = make_series(tmp_path / "s", n=3)
     tls = (

@@ -19,7 +19,6 @@ from pacs_node.config import NodeConfig
 from pacs_node.jobs import JobStore
 from pacs_node.receive import stream
 from pacs_node.receive.intake import Intake
-from pacs_node.receive.journal import BLOCK, RECORD_MAGIC, Journal
 from pacs_node.receive.rules import TRANSFER_SYNTAXES
 from pacs_node.receive.scp import StorageSCP
 from pacs_node.storage import Storage
@@ -40,16 +39,11 @@ class CountingIntake(Intake):
 
 
 class InProcessNode:
-    def __init__(
-        self, root: Path, streamed: bool = True, max_pdu: int = 0, journal: int = 0
-    ) -> None:
+    def __init__(self, root: Path, streamed: bool = True, max_pdu: int = 0) -> None:
         self.storage = Storage(root / "data")
         self.queue = JobStore(f"sqlite:///{root / 'jobs.sqlite'}")
         self.queue.migrate()
         self.intake = CountingIntake(self.storage, self.queue)
-        if journal:  # bytes per journal file
-            self.intake.journal = Journal(self.storage.root / "journal", journal)
-            self.intake.journal.recover(self.storage)
         config = NodeConfig(bind="127.0.0.1", port=free_port(), max_pdu_size=max_pdu)
         self.scp = StorageSCP(
             config, self.intake.handlers(), TRANSFER_SYNTAXES, self.intake if streamed else None
@@ -64,8 +58,6 @@ class InProcessNode:
 
     def stop(self) -> None:
         self.scp.stop()
-        if self.intake.journal is not None:
-            self.intake.journal.close()
         self.queue.dispose()
 
 
@@ -110,13 +102,11 @@ def test_streamed_and_pynetdicom_paths_store_identical_files(
 ) -> None:
     files = make_series(tmp_path / "s", n=5, size=128, seed=3)
     streamed = InProcessNode(tmp_path / "streamed")
+    nodes.append(streamed)
     assembled = InProcessNode(tmp_path / "assembled", streamed=False)
-    # through the intake journal, and too large for it (a file of its own, synced)
-    journaled = InProcessNode(tmp_path / "journaled", journal=1 << 20)
-    spilled = InProcessNode(tmp_path / "spilled", journal=4 * BLOCK)
-    nodes.extend([streamed, assembled, journaled, spilled])
+    nodes.append(assembled)
     assert streamed.scp.streaming and not assembled.scp.streaming
-    for node in nodes:
+    for node in (streamed, assembled):
         res = run_tool(
             require_tool("storescu"),
             *("-aet", "STORESCU", "-aec", "LDCT_DENOISE", "127.0.0.1", str(node.scp.port)),
@@ -125,12 +115,7 @@ def test_streamed_and_pynetdicom_paths_store_identical_files(
         assert res.returncode == 0, res.stderr
     assert streamed.intake.evt_c_store == 0 and assembled.intake.evt_c_store == 5
     got = streamed.files()
-    assert len(got) == 5 and got == assembled.files() == journaled.files() == spilled.files()
-    journal_files = sorted(p.name for p in (journaled.storage.root / "journal").glob("*.log"))
-    assert journal_files == ["0-a.log", "0-b.log"]
-    log = (journaled.storage.root / "journal" / "0-a.log").read_bytes()
-    assert log.count(RECORD_MAGIC) == 5  # each instance went through the journal
-    assert (spilled.storage.root / "journal" / "0-a.log").read_bytes().count(RECORD_MAGIC) == 0
+    assert len(got) == 5 and got == assembled.files()
     for f in files:  # the data set as sent, behind pynetdicom's file meta
         stored = pydicom.dcmread(BytesIO(got[f"{pydicom.dcmread(f).SOPInstanceUID}.dcm"]))
         assert stored == pydicom.dcmread(f)

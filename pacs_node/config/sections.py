@@ -101,9 +101,6 @@ class StorageConfig(_Section):
     data_dir: Path = Path("var")
     min_free_bytes: int = Field(default=1 << 30, ge=0)
     keep_days: float = Field(default=0, ge=0)
-    # the intake journal of each receiving process (pacs_node.receive.journal); 0: no journal,
-    # each received file synced before its answer
-    journal_mib: int = Field(default=256, ge=0)
 
 
 class QueueConfig(_Section):

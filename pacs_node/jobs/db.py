@@ -34,9 +34,8 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA busy_timeout=60000")
             # NORMAL: a commit survives a crash of the process, not always a power cut. That is
-            # enough because the received instances are durable before Success (in the intake
-            # journal, or their files synced) and node start-up rewrites what the journal holds
-            # and re-records any file the table lost (pacs_node.node.recover).
+            # enough because the received files are the durable record (fsynced before Success)
+            # and node start-up re-records any file the table lost (pacs_node.node.recover).
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()

@@ -14,7 +14,6 @@ from pydicom.uid import UID
 
 from pacs_node.receive.filemeta import part10_header
 from pacs_node.receive.header import EARLY_HEADER_LIMIT, read_header
-from pacs_node.receive.journal import Spool
 from pacs_node.receive.rules import Refused, check_denoisable, refuse_unrouted, validate
 from pacs_node.route.rules import Decision, Facts, could_match, decide
 from pacs_node.status import Status
@@ -80,9 +79,6 @@ class Incoming:
         self.early = not ts.is_deflated
         self.pixel_tag = struct.pack("<HH" if ts.is_little_endian else ">HH", 0x7FE0, 0x0010)
         self.fd, self.tmp = -1, Path()
-        # with the intake journal, the bytes are also kept in memory for its record (up to what
-        # a record holds; beyond, the temporary file is synced as without a journal)
-        self.spool: Spool | None = None
         storage = intake.storage
         try:
             if not storage.has_room():
@@ -96,13 +92,9 @@ class Incoming:
             self.refused = r
             return
         if valid_uid(affected_uid):
-            header = part10_header(sop_class, affected_uid, transfer_syntax)
-            if intake.journal is not None:
-                self.spool = intake.journal.spool()
-                self.spool.write(header)
             try:
                 self.fd, self.tmp = storage.open_temp()
-                write_all(self.fd, header)
+                write_all(self.fd, part10_header(sop_class, affected_uid, transfer_syntax))
             except OSError as err:
                 self._write_failed(err)
 
@@ -114,7 +106,6 @@ class Incoming:
         self.refused = _write_refusal(err)
 
     def _drop_temp(self) -> None:
-        self.spool = None
         if self.fd >= 0:
             self.intake.storage.discard_temp(self.fd, self.tmp)
             self.fd = -1
@@ -122,13 +113,6 @@ class Incoming:
     def write(self, data: bytes | memoryview) -> None:
         if self.refused is not None or self.ignored is not None:
             return  # its answer is known; the rest of its bytes only need to be read
-        if self.spool is not None:
-            journal = self.intake.journal
-            assert journal is not None
-            if self.spool.size + len(data) <= journal.limit:
-                self.spool.write(data)
-            else:  # too large for a journal record: its file is synced instead
-                self.spool = None
         if self.fd >= 0:
             try:
                 write_all(self.fd, data)
@@ -199,10 +183,7 @@ class Incoming:
         existed = path.exists()
         fd, self.fd = self.fd, -1
         try:
-            if self.spool is not None:
-                self._journaled(fd, path, self.spool)
-            else:
-                storage.commit_temp(fd, self.tmp, path)  # removes the temporary file on error
+            storage.commit_temp(fd, self.tmp, path)  # removes the temporary file on error
         except OSError as err:
             raise _write_refusal(err) from None
         try:
@@ -225,18 +206,3 @@ class Incoming:
             raise Refused(
                 Status.OUT_OF_RESOURCES, f"job table unavailable: {type(err).__name__}"
             ) from None
-
-    def _journaled(self, fd: int, path: Path, spool: Spool) -> None:
-        """Durable in the journal (one synced write), then the temporary file renamed into place
-        without waiting for the disk: the journal keeps the bytes until the file is synced."""
-        journal = self.intake.journal
-        assert journal is not None
-        try:
-            ticket = journal.append(str(path), spool)
-        except BaseException:
-            self.intake.storage.discard_temp(fd, self.tmp)
-            raise
-        try:
-            self.intake.storage.commit_temp(fd, self.tmp, path, sync=False)
-        finally:
-            journal.written(ticket)

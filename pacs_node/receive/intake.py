@@ -19,7 +19,6 @@ from pacs_node.config import RuleConfig, default_rules
 from pacs_node.jobs import JobStore
 from pacs_node.metrics import Metrics
 from pacs_node.receive.incoming import Incoming
-from pacs_node.receive.journal import Journal
 from pacs_node.receive.rules import Refused
 from pacs_node.route.rules import Decision
 from pacs_node.status import Status, describe
@@ -38,10 +37,8 @@ class Intake:
         metrics: Metrics | None = None,
         rules: tuple[RuleConfig, ...] | None = None,
         destinations: tuple[str, ...] = ("default",),
-        journal: Journal | None = None,
     ) -> None:
         self.storage = storage
-        self.journal = journal  # None: each instance's file is synced before its answer
         self.jobs = jobs
         self.metrics = metrics
         self.rules = default_rules() if rules is None else rules

@@ -98,14 +98,12 @@ def test_concurrent_senders_spread_over_the_processes(tmp_path: Path, node_facto
     # /metrics counts what every process received (the others publish once a second)
     received = ("pacs_node_instances_received_total", ())
     released = ("pacs_node_associations_total", (("outcome", "released"),))
-    wait_for(
-        lambda: (
-            {k: samples(node.http_port).get(k) for k in (received, released)}
-            == {received: 48, released: 4}
-        ),
-        10,
-        "48 instances and 4 released associations in /metrics",
-    )
+
+    def both() -> tuple[float | None, float | None]:
+        scraped = samples(node.http_port)  # one scrape: both figures from the same moment
+        return scraped.get(received), scraped.get(released)
+
+    wait_for(lambda: both() == (48, 4), 10, "48 instances and 4 released associations in /metrics")
 
 
 def test_max_associations_counts_every_process(tmp_path: Path, node_factory) -> None:

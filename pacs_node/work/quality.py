@@ -138,8 +138,8 @@ def find_uniform_regions(
         # the whole square must be tissue in range, not just its mean: no pixel out of range in
         # it (a box mean of the out-of-range mask; the same squares as a minimum and a maximum
         # filter, at a fifth of their cost)
-        out = (smooth <= hu_range[0] - 100) | (smooth >= hu_range[1] + 100)
-        ok &= ndimage.uniform_filter(out.astype(np.float32), size) < 0.5 / (size * size)
+        outside = (smooth <= hu_range[0] - 100) | (smooth >= hu_range[1] + 100)
+        ok &= ndimage.uniform_filter(outside.astype(np.float32), size) < 0.5 / (size * size)
         margin = hs + 1
         ok[:margin, :] = ok[-margin:, :] = False
         ok[:, :margin] = ok[:, -margin:] = False

@@ -339,7 +339,23 @@ def test_a_series_is_claimed_early_to_denoise_and_complete_on_release(database_u
     c = q.claim("w", on_release, now=101.2)
     assert c is not None and q.is_complete(c, on_release, now=101.2)
     assert c.tally == '{"regions": 3}'  # the gate's figures so far come with the claim
+    assert not c.judged  # denoised while it arrived, but the gate has yet to judge the series
     # quiet alone does not know about releases; an instance after the release undoes it
     assert not q.is_complete(c, Completion(10), now=101.2)
     q.record_instance(sop_uid="1.9.2.99", series_uid="1.9.2", study_uid="1.9", path="x", now=101.3)
     assert not q.is_complete(c, on_release, now=103)
+
+
+def test_a_claim_says_whether_the_gate_has_judged_the_series(database_url: str) -> None:
+    """What decides whether a reclaimed job is judged again: the gate's recorded figures."""
+    q = _queue(database_url)
+    q.record_instance(sop_uid="1.9.3.1", series_uid="1.9.3", study_uid="1.9", path="a", now=100)
+    c = q.claim("w", 10, now=200)
+    assert c is not None and not c.judged
+    q.defer(c, "destination busy", 0, 5)  # a retryable error before the gate
+    c = q.claim("w", 10)
+    assert c is not None and not c.judged
+    q.record_quality(c, '{"regions": 1}', flagged=False)
+    q.defer(c, "destination busy", 0, 5)  # judged, then the destination failed
+    c = q.claim("w", 10)
+    assert c is not None and c.judged

@@ -99,6 +99,30 @@ def test_an_aborted_association_does_not_complete_its_series(
         dest.stop()
 
 
+def test_a_series_denoised_whole_while_it_arrives_is_still_judged(
+    tmp_path: Path, node_factory, tiny_checkpoint: Path
+) -> None:
+    """Every slice denoised before the series completes: the gate still judges it once it is
+    complete, and holds it (the tiny model does not lower the noise), so nothing leaves."""
+    dest = RecordingSCP().start()
+    try:
+        queue = 'complete_on = ["quiet", "release"]\nrelease_grace_seconds = 3\n'
+        config = node_config(dest.port, tiny_checkpoint).replace(
+            "series_quiet_seconds = 0.5\n", f"series_quiet_seconds = 60\n{queue}"
+        )
+        node = node_factory(config, workers=1).start()
+        files = make_series(tmp_path / "s", n=16, size=96, noise_sd=10)
+        assert node.storescu(*map(str, files)).returncode == 0
+        wait_for(lambda: node.status()[0]["denoised"] == 16, 30, "denoised while arriving")
+        wait_for(lambda: node.status()[0]["state"] == "failed", 30, "judged once complete")
+        job = node.status()[0]
+        assert "quality gate" in job["last_error"] and job["quality"]["regions"] == 16, job
+        assert "denoised as far as it has arrived" in node.log()  # the path this test is for
+        assert dest.calls == 0
+    finally:
+        dest.stop()
+
+
 @pytest.mark.parametrize("complete_on", ["quiet", "release"])
 def test_sigkill_half_received_half_denoised_then_restart(
     tmp_path: Path, node_factory, tiny_checkpoint: Path, complete_on: str

@@ -94,7 +94,9 @@ def test_pipeline_to_recording_scp_with_retries(
         assert node.storescu(*map(str, files)).returncode == 0
         wait_for(lambda: node.status()[0]["state"] == "done", 120, "job done")
         assert len(dest.received) == 12 and dest.calls == 15
-        job = node.status()[0]
+        jobs = node.status()
+        job = jobs[0]
+        assert len(jobs) == 1 and job["quality"] is not None, (jobs, node.log())
         assert job["delivered"] == 12 and job["quality"]["regions"] > 0
         assert "0xA700" in node.log()
         # retention: files of a delivered job are gone

@@ -66,7 +66,7 @@ class Leases(Database):
             tuple(json.loads(row.destinations)),
             bool(row.send_original),
             row.tally,
-            bool(row.judged),
+            row.quality is not None,
         )
 
     def _held(

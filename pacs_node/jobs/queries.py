@@ -194,7 +194,9 @@ def claim(
             j.destinations,
             j.send_original,
             j.tally,
-            j.quality.is_not(None).label("judged"),
+            # the figures themselves, not "quality IS NOT NULL": SQLite 3.40's RETURNING answers
+            # that expression with 1 for a NULL column
+            j.quality,
         )
     )
 

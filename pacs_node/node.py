@@ -227,7 +227,14 @@ class Node:
             from pacs_node.work.loop import Worker
 
             assert denoiser is not None
-            w = Worker(self.config, self.jobs, self.storage, denoiser, metrics=self.metrics)
+            w = Worker(
+                self.config,
+                self.jobs,
+                self.storage,
+                denoiser,
+                metrics=self.metrics,
+                wake=self.intake.arrived,
+            )
             w.name = f"{w.name}/{n}"
             t = threading.Thread(target=w.run, args=(self._stop,), name=f"worker-{n}", daemon=True)
             t.start()
@@ -244,6 +251,7 @@ class Node:
         if self.http is not None:
             self.http.stop()
         self._stop.set()
+        self.intake.arrived.set()  # the workers' idle wait
         for t in self._threads:
             t.join(timeout=30)
         self.jobs.dispose()

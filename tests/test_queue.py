@@ -359,3 +359,30 @@ def test_a_claim_says_whether_the_gate_has_judged_the_series(database_url: str) 
     q.defer(c, "destination busy", 0, 5)  # judged, then the destination failed
     c = q.claim("w", 10)
     assert c is not None and c.judged
+
+
+def test_a_series_first_slice_is_claimed_at_once_then_a_batch_at_a_time(database_url: str) -> None:
+    """Denoising while receiving starts with a series' first slice; once part of it has been
+    denoised, a parked series is claimed again when a batch waits (or it is complete)."""
+    from pacs_node.jobs.queries import Completion
+
+    q = _queue(database_url)
+    quiet = Completion(quiet_seconds=10)
+
+    def arrive(k: int, now: float) -> None:
+        q.record_instance(
+            sop_uid=f"1.9.4.{k}", series_uid="1.9.4", study_uid="1.9", path=f"{k}", now=now
+        )
+
+    arrive(1, 100)
+    assert q.claim("w", quiet, now=100.1) is None  # without early claims: only once quiet
+    c = q.claim("w", quiet, now=100.1, early_chunk=8)
+    assert c is not None and c.tally is None
+    q.mark_denoised(c, [(1, "2.25.1", "d1")], "v", '{"regions": 1}')
+    q.release(c)
+    for k in range(2, 9):
+        arrive(k, 100.2)
+    assert q.claim("w", quiet, now=100.3, early_chunk=8) is None  # 7 wait: less than a batch
+    arrive(9, 100.4)
+    c = q.claim("w", quiet, now=100.5, early_chunk=8)
+    assert c is not None and c.tally == '{"regions": 1}'

@@ -46,8 +46,8 @@ class Leases(Database):
         early_chunk: int = 0,
     ) -> Claim | None:
         """Atomically take the oldest ready job, or a receiving one that is complete (a number:
-        quiet for that many seconds) or has ``early_chunk`` instances waiting to be denoised,
-        whose retry time has come; None when there is none."""
+        quiet for that many seconds) or has ``early_chunk`` instances waiting to be denoised
+        (any, while none of it has been), whose retry time has come; None when there is none."""
         now = time.time() if now is None else now
         if not isinstance(completion, queries.Completion):
             completion = queries.Completion(completion)

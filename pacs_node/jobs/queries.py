@@ -149,22 +149,26 @@ class Completion:
 
 
 def _waiting(chunk: int) -> Any:
-    """At least ``chunk`` received instances not yet denoised (a denoise job only)."""
+    """At least ``chunk`` received instances not yet denoised, or any at all while none of the
+    series has been (no figures yet: its first slice starts the network at once); a denoise
+    job only."""
     count = (
         sa.select(sa.func.count())
         .select_from(instances)
         .where(i.job_id == j.id, i.state == InstanceState.RECEIVED.value)
         .scalar_subquery()
     )
-    return sa.and_(j.action == "denoise", count >= chunk)
+    return sa.and_(
+        j.action == "denoise", sa.or_(count >= chunk, sa.and_(j.tally.is_(None), count >= 1))
+    )
 
 
 def claim(
     worker: str, completion: Completion, now: float, skip_locked: bool, early_chunk: int = 0
 ) -> Any:
     """Take the oldest ready job, or a receiving one that is complete (or, with
-    ``early_chunk``, has that many instances waiting to be denoised), whose retry time has
-    come."""
+    ``early_chunk``, has that many instances waiting to be denoised, or its first), whose retry
+    time has come."""
     receiving = completion.sql(now)
     if early_chunk:
         receiving = sa.or_(receiving, _waiting(early_chunk))

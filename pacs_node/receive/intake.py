@@ -46,6 +46,7 @@ class Intake:
         self._lock = threading.Lock()
         self._per_assoc: dict[int, Counter[str]] = {}
         self._series: dict[int, set[str]] = {}  # per association: the series it stored
+        self.arrived = threading.Event()  # wakes this process's workers
 
     def _count(self, assoc_key: int, key: str) -> None:
         with self._lock:
@@ -65,6 +66,7 @@ class Intake:
                 self._series.setdefault(incoming.assoc_key, set()).add(incoming.accepted.series)
         if self.metrics:
             self.metrics.received.inc()
+        self.arrived.set()
         return int(Status.SUCCESS)
 
     def ignored(self, incoming: Incoming, route: Decision) -> int:

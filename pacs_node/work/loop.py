@@ -37,8 +37,11 @@ class Worker:
         denoiser: Denoiser,
         name: str | None = None,
         metrics: Metrics | None = None,
+        wake: threading.Event | None = None,
     ) -> None:
         self.config, self.jobs, self.storage = config, jobs, storage
+        # set by this process's intake when it stores an instance: look for work at once
+        self.wake = wake or threading.Event()
         self.denoiser, self.metrics = denoiser, metrics
         self.series = SeriesProcessor(config, jobs, storage, denoiser, metrics)
         self.dispatcher = Dispatcher(config, jobs, metrics)
@@ -54,7 +57,8 @@ class Worker:
         self.completion = Completion(
             q.series_quiet_seconds, "release" in q.complete_on, q.release_grace_seconds
         )
-        # denoise a series while it arrives, starting as soon as one batch of the network waits
+        # denoise a series while it arrives: from its first slice, then whenever one batch of
+        # the network waits
         self.early_chunk = config.model.batch_size if q.denoise_while_receiving else 0
 
     # -- the loop ---------------------------------------------------------------------------
@@ -74,7 +78,8 @@ class Worker:
                 stop.wait(5)
                 continue
             if claim is None:
-                stop.wait(poll)
+                self.wake.wait(poll)
+                self.wake.clear()
                 continue
             self.process(claim)
 

@@ -1,13 +1,15 @@
 """Receive throughput into the node vs into DCMTK storescp, one sender and several at once.
 
     .venv/bin/python bench/intake.py [--images 200] [--runs 3] [--senders 4] [--processes 2]
+                                     [--idle-worker]
 
 One association: 200 x 512^2 CT from one DCMTK storescu, into `pacs-node serve` (one receiving
 process) and into `storescp`. Several: ``--senders`` storescu processes at once, each sending
 ``--images / --senders`` slices, into the node with ``node.receive_processes = --processes`` and
 into `storescp --fork`. Wall time runs from the first sender's start to the last one's end.
 Receivers run on loopback in the same run, alternating; DCMTK's with TCP_NODELAY=1 (it stalls
-~45 ms per C-STORE without it). The node runs with workers = 0 (receive only) and does
+~45 ms per C-STORE without it). The node runs with workers = 0 (receive only; with
+``--idle-worker``, one worker that every arrival wakes but that has nothing to claim) and does
 everything it does in production: validation, temp file, fsync, rename, folder fsync, the
 job-table transaction (SQLite WAL). Prints images/s per receiver (median of the runs, with each
 run) and the ratios node / storescp.
@@ -71,12 +73,19 @@ def run_storescp(work: Path, parts: list[list[Path]]) -> float:
         shutil.rmtree(out)
 
 
-def run_node(work: Path, parts: list[list[Path]], processes: int) -> float:
+def run_node(work: Path, parts: list[list[Path]], processes: int, idle_worker: bool) -> float:
     port = free_port()
+    # an idle worker that cannot claim (quiet 60 s, no denoising while receiving) is woken by
+    # every arrival: what that costs the intake
+    worker = (
+        "[worker]\ncount = 1\n[queue]\nseries_quiet_seconds = 60\ndenoise_while_receiving = false\n"
+        if idle_worker
+        else "[worker]\ncount = 0\n"
+    )
     proc = start_node(
         work / "node",
         port,
-        "[worker]\ncount = 0\n[http]\nenabled = false\n",
+        f"{worker}[http]\nenabled = false\n",
         node=f"receive_processes = {processes}\nmax_associations = 16\n",
     )
     try:
@@ -95,6 +104,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--senders", type=int, default=4, help="0: the one-association case only")
     ap.add_argument("--processes", type=int, default=2, help="node.receive_processes for them")
+    ap.add_argument(
+        "--idle-worker", action="store_true", help="the node with one worker that has no job"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -112,7 +124,7 @@ def main() -> None:
             node_rates, dcmtk_rates = [], []
             for _ in range(args.runs):  # interleaved, so drift hits both alike
                 dcmtk_rates.append(args.images / run_storescp(work, parts))
-                node_rates.append(args.images / run_node(work, parts, processes))
+                node_rates.append(args.images / run_node(work, parts, processes, args.idle_worker))
             node, dcmtk = statistics.median(node_rates), statistics.median(dcmtk_rates)
             ratios = sorted(a / b for a, b in zip(node_rates, dcmtk_rates, strict=True))
             anchor = "storescp --fork" if len(parts) > 1 else "storescp"

@@ -26,6 +26,10 @@ from unit_model.denoiser import Denoiser
 logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 300  # how often a worker removes the files that storage.keep_days let expire
+REAP_SECONDS = 1.0  # how often a worker looks for jobs whose worker went silent
+# woken by an arrival, a worker looks at the job table after this pause, so that a burst of
+# instances (hundreds a second) costs it one look, not one each
+WAKE_PAUSE_SECONDS = 0.05
 
 
 class Worker:
@@ -65,21 +69,24 @@ class Worker:
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:
         self.stopping = stop
         q = self.config.queue
-        next_sweep = 0.0
+        next_sweep = next_reap = 0.0
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_sweep:
                     self.jobs.sweep(self.storage, self.config.storage.keep_days)
                     next_sweep = time.monotonic() + SWEEP_SECONDS
-                self.jobs.reap(q.stale_after_seconds)
+                if time.monotonic() >= next_reap:
+                    self.jobs.reap(q.stale_after_seconds)
+                    next_reap = time.monotonic() + REAP_SECONDS
                 claim = self.jobs.claim(self.name, self.completion, early_chunk=self.early_chunk)
             except Exception:
                 logger.exception("job table unavailable; retrying")
                 stop.wait(5)
                 continue
             if claim is None:
-                self.wake.wait(poll)
-                self.wake.clear()
+                if self.wake.wait(poll):
+                    stop.wait(WAKE_PAUSE_SECONDS)
+                    self.wake.clear()
                 continue
             self.process(claim)
 

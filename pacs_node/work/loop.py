@@ -44,7 +44,8 @@ class Worker:
         wake: threading.Event | None = None,
     ) -> None:
         self.config, self.jobs, self.storage = config, jobs, storage
-        # set by this process's intake when it stores an instance: look for work at once
+        # set by this process's intake when it stores an instance: look for work (after
+        # WAKE_PAUSE_SECONDS) instead of waiting out the poll
         self.wake = wake or threading.Event()
         self.denoiser, self.metrics = denoiser, metrics
         self.series = SeriesProcessor(config, jobs, storage, denoiser, metrics)

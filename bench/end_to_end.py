@@ -38,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slices", type=int, default=100)
     ap.add_argument("--quiet", type=float, default=2.0, help="queue.series_quiet_seconds")
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, help="slices per forward pass (default: the node's)")
     args = ap.parse_args()
     from pynetdicom import AE, evt
 
@@ -77,8 +77,9 @@ def main() -> None:
         node = start_node(
             work / "node",
             port,
-            f"[queue]\nseries_quiet_seconds = {args.quiet}\n[model]\nbatch_size = {args.batch}\n"
-            f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
+            f"[queue]\nseries_quiet_seconds = {args.quiet}\n[model]\n"
+            + (f"batch_size = {args.batch}\n" if args.batch else "")
+            + f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
             "[http]\nenabled = false\n",
         )
         try:
@@ -96,7 +97,7 @@ def main() -> None:
             node.wait()
             server.shutdown()
     busy = wall - args.quiet
-    print(f"{args.slices} slices 512^2, batch {args.batch}, {os.cpu_count()} cores")
+    print(f"{args.slices} slices 512^2, batch {args.batch or 'default'}, {os.cpu_count()} cores")
     print(
         f"pure denoise {pure:.1f} s ({args.slices / pure:.2f} slices/s); "
         f"receive {t_sent - t_send:.1f} s"

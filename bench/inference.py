@@ -1,15 +1,17 @@
 """CPU (or GPU) inference speed at 512 x 512: the shipped model as the node runs it, and the
 reference's full-width generator.
 
-    .venv/bin/python bench/inference.py [--checkpoint PATH] [--slices 8] [--batch 4]
-                                        [--device cpu] [--compile] [--reference]
+    .venv/bin/python bench/inference.py [--checkpoint PATH] [--slices 8] [--shipped-batch N]
+                                        [--batch 4] [--device cpu] [--compile] [--reference]
 
 First the shipped checkpoint (or ``--checkpoint``) through ``Denoiser.denoise_hu`` with the node's
-defaults (fp32 on the CPU, batch 8): slices/s, the median of ``--reps`` passes of ``--slices``
-slices, with the spread. With ``--reference``, also the full-width generator (428.5 GFLOP per
-slice, counted by torch's FlopCounterMode): achieved FLOP/s as a fraction of torch's own matmul
-FLOP/s measured in the same process with the same threads, for fp32 contiguous, fp32
-channels_last and bf16 autocast (when the CPU has native bf16), optionally torch.compile.
+defaults (fp32; on the CPU one slice per forward pass and glibc's malloc tuned, see
+``unit_model.denoiser.tune_cpu_allocator``; ``GLIBC_TUNABLES= `` in the environment leaves malloc
+as it is): slices/s, the median of ``--reps`` passes of ``--slices`` slices, with the spread.
+With ``--reference``, also the full-width generator (428.5 GFLOP per slice, counted by torch's
+FlopCounterMode): achieved FLOP/s as a fraction of torch's own matmul FLOP/s measured in the same
+process with the same threads, for fp32 contiguous, fp32 channels_last and bf16 autocast (when
+the CPU has native bf16), optionally torch.compile.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unit_model.denoiser import Denoiser
+from unit_model.denoiser import Denoiser, tune_cpu_allocator
 from unit_model.networks import UnitGenerator
 
 
@@ -64,7 +66,9 @@ def time_network(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, reps
 
 def shipped(args: argparse.Namespace) -> None:
     """Slices/s of ``Denoiser.denoise_hu`` on 512^2 slices of noise around soft tissue."""
-    den = Denoiser.from_checkpoint(args.checkpoint, device=args.device, batch_size=8)
+    den = Denoiser.from_checkpoint(
+        args.checkpoint, device=args.device, batch_size=args.shipped_batch
+    )
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         den.network(torch.zeros(1, 1, 512, 512, device=den.device))
     rng = np.random.default_rng(0)
@@ -77,8 +81,10 @@ def shipped(args: argparse.Namespace) -> None:
         rates.append(args.slices / (time.perf_counter() - t0))
     print(
         f"shipped model {den.model_version} on {den.device} ({torch.get_num_threads()} threads, "
-        f"{str(den.dtype).removeprefix('torch.')}, batch 8, {fc.get_total_flops() / 1e9:.1f} "
-        f"GFLOP per slice): median {statistics.median(rates):.2f} slices/s "
+        f"{str(den.dtype).removeprefix('torch.')}, batch {den.batch_size}, malloc "
+        f"{'tuned' if den.device.type == 'cpu' and tune_cpu_allocator() else 'as it is'}, "
+        f"{fc.get_total_flops() / 1e9:.1f} GFLOP per slice): "
+        f"median {statistics.median(rates):.2f} slices/s "
         f"(passes {' / '.join(f'{r:.2f}' for r in rates)})"
     )
 
@@ -87,6 +93,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
     ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
+    ap.add_argument("--shipped-batch", type=int, help="default: the Denoiser's (CPU 1, GPU 8)")
     ap.add_argument("--batch", type=int, default=4, help="batch of the reference generator")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

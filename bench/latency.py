@@ -5,17 +5,16 @@
 A pynetdicom sender in this process sends ``--slices`` 512^2 slices at ``--rate`` slices per
 second (one association, released at the end; files sent as stored, so that the sender, which
 shares this machine's two cores where a scanner would not, costs as little as it can) to
-`pacs-node serve` (one worker, the shipped model on the CPU, batch 8), which forwards to a
-pynetdicom SCP in this process. Each run alternates two
-node set-ups on the same slices:
+`pacs-node serve` (one worker, the shipped model on the CPU with its defaults), which forwards to
+a pynetdicom SCP in this process. Each run alternates two node set-ups on the same slices:
 
 * ``release``: ``complete_on = ["quiet", "release"]`` and denoising while receiving (the design);
 * ``quiet``: ``complete_on = ["quiet"]``, ``denoise_while_receiving = false`` (what the node did
   before: wait for ``series_quiet_seconds`` of silence, then denoise it all).
 
-Pure compute is Denoiser.denoise_hu over the same slices in this process (batch 8), measured in
-each run before and after the node's set-ups (their mean). Reported per run and as the median
-with the range:
+Pure compute is Denoiser.denoise_hu over the same slices in this process (the same defaults: one
+slice per forward pass, malloc tuned), measured in each run before and after the node's set-ups
+(their mean). Reported per run and as the median with the range:
 
 * ratio = pure compute / (first slice sent -> last derived instance received); target >= 0.95;
 * tail = last slice acknowledged -> last derived received, against the compute still left at
@@ -92,7 +91,6 @@ def one_run(
         node_dir,
         port,
         f"[queue]\nseries_quiet_seconds = {quiet}\n{SETUPS[setup]}"
-        "[model]\nbatch_size = 8\n"
         f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
         "[http]\nenabled = false\n",
         log=log,
@@ -136,7 +134,7 @@ def _against(r: dict[str, float], pure: float, n: int) -> dict[str, float]:
 
 
 def _pure(hu: np.ndarray) -> float:
-    den = Denoiser.from_checkpoint(None, device="cpu", batch_size=8)
+    den = Denoiser.from_checkpoint(None, device="cpu")
     den.denoise_hu(hu[:2])  # warm-up
     t = time.perf_counter()
     den.denoise_hu(hu)

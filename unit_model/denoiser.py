@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
+import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,21 @@ from unit_model.transforms import HUWindow
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Denoiser", "pick_device", "pick_dtype"]
+__all__ = ["Denoiser", "pick_device", "pick_dtype", "tune_cpu_allocator"]
+
+# slices per forward pass when the caller does not say: on the CPU one slice keeps the
+# activations small (2 cores, 512^2: one slice 1.45x faster per slice than 8), a GPU wants a batch
+CPU_BATCH, GPU_BATCH = 1, 8
+
+# glibc's mallopt parameters (malloc.h) and what the CPU network runs best with
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOPT = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20))
+_MALLOC_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "GLIBC_TUNABLES",
+)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -34,12 +52,35 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+@functools.cache
+def tune_cpu_allocator() -> bool:
+    """Keep the CPU network's freed activations in the heap for the next forward pass.
+
+    With glibc's defaults each large activation comes from fresh pages that the kernel zeroes
+    on first touch and takes back when the tensor is freed: 48 slices of 512^2 through the
+    shipped model cost 8.5 M page faults, and a third of the time went to the kernel. Here
+    blocks up to 32 MiB (glibc's largest threshold) come from the heap, and up to 256 MiB of
+    freed heap is kept. Process-wide; applied once, only with glibc, and not where the
+    environment already sets malloc's parameters. Returns whether it applied them.
+    """
+    if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in _MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    applied = all(mallopt(param, value) == 1 for param, value in _MALLOPT)
+    logger.debug("glibc malloc tuned for CPU inference: %s", applied)
+    return applied
+
+
 class Denoiser:
     """Low-dose -> regular-dose translation of CT slices in Hounsfield units.
 
     ``denoise_hu`` takes float32 [N, H, W] HU of any H, W; slices are reflect-padded to a multiple
-    of 4, run in batches of ``batch_size`` and cropped back. ``strength`` (0-1) blends the result
-    with its input, ``input + strength * (model - input)``, as commercial CT denoisers offer.
+    of 4, run in batches of ``batch_size`` (default: 1 on the CPU, 8 on a GPU) and cropped back.
+    ``strength`` (0-1) blends the result with its input, ``input + strength * (model - input)``,
+    as commercial CT denoisers offer.
     """
 
     def __init__(
@@ -49,7 +90,7 @@ class Denoiser:
         *,
         device: str = "auto",
         precision: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | None = None,
         compile: bool = False,
         model_version: str = "untracked",
         metadata: dict[str, object] | None = None,
@@ -61,7 +102,10 @@ class Denoiser:
         self.device = pick_device(device)
         self.dtype = pick_dtype(precision, self.device)
         self.window = window
-        self.batch_size = batch_size
+        cpu = self.device.type == "cpu"
+        self.batch_size = batch_size or (CPU_BATCH if cpu else GPU_BATCH)
+        if cpu:
+            tune_cpu_allocator()
         self.model_version = model_version
         self.metadata = metadata or {}
         net = network.eval().to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -75,7 +119,7 @@ class Denoiser:
         path: str | Path | None = None,
         device: str = "auto",
         precision: str = "auto",
-        batch_size: int = 8,
+        batch_size: int | None = None,
         compile: bool = False,
         strength: float = 1.0,
     ) -> Denoiser:

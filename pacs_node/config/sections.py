@@ -128,7 +128,7 @@ class QueueConfig(_Section):
 class ModelConfig(_Section):
     checkpoint: Path | None = None
     device: str = "auto"
-    batch_size: int = Field(default=8, ge=1, le=1024)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)  # None: the Denoiser's default
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     strength: float = Field(default=1.0, ge=0.0, le=1.0)

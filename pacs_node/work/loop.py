@@ -64,7 +64,7 @@ class Worker:
         )
         # denoise a series while it arrives: from its first slice, then whenever one batch of
         # the network waits
-        self.early_chunk = config.model.batch_size if q.denoise_while_receiving else 0
+        self.early_chunk = denoiser.batch_size if q.denoise_while_receiving else 0
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event, poll: float = 0.5) -> None:

@@ -118,7 +118,7 @@ class SeriesProcessor:
         pending = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
         if not pending:
             return 0
-        chunk = max(self.config.model.batch_size, 16)
+        chunk = max(self.denoiser.batch_size, 16)
         # Each chunk's derived files are encoded, written (fsync) and recorded on a helper thread
         # while the network works on the next chunk; one chunk in flight keeps the order. (The
         # quality figures are measured here, between chunks: beside the network's threads they

@@ -108,7 +108,10 @@ class Denoiser:
             tune_cpu_allocator()
         self.model_version = model_version
         self.metadata = metadata or {}
-        net = network.eval().to(self.device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # channels_last suits a GPU's convolutions; on the CPU its instance norms run 5x slower
+        # than on plain NCHW (15.6 against 2.9 ms for 16 x 512^2), the whole network 1.3x
+        self.memory_format = torch.channels_last if not cpu else torch.contiguous_format
+        net = network.eval().to(self.device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
         for p in net.parameters():
             p.requires_grad_(False)
         self.network: nn.Module = torch.compile(net) if compile else net  # type: ignore[assignment]
@@ -168,7 +171,7 @@ class Denoiser:
             x = self.window.to_network(hu)
             xp = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect") if pad_h or pad_w else x
             with self._autocast():
-                y = self.network(xp.contiguous(memory_format=torch.channels_last))
+                y = self.network(xp.contiguous(memory_format=self.memory_format))
             y = y.float()[..., :h, :w]
             result = self.window.apply_correction(hu, x, y)
             if self.strength != 1.0:

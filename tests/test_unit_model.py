@@ -269,3 +269,32 @@ def test_cpu_inference_reuses_its_memory_unless_the_environment_tunes_malloc() -
     tuned = _page_faults({})
     untouched = _page_faults({"GLIBC_TUNABLES": ""})  # the user's say: left as it is
     assert tuned < 20_000 < untouched, (tuned, untouched)
+
+
+_TEAMS = """
+import os, threading
+import numpy as np
+from unit_model.denoiser import Denoiser
+before = len(os.listdir("/proc/self/task"))
+den = Denoiser.from_checkpoint(None, device="cpu")
+loaded = len(os.listdir("/proc/self/task"))
+worker = threading.Thread(target=den.denoise_hu, args=(np.zeros((1, 256, 256), np.float32),))
+worker.start()
+worker.join()
+print(before, loaded)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="Linux /proc")
+def test_loading_the_model_leaves_no_openmp_team_on_the_loading_thread() -> None:
+    # the node loads on its main thread and denoises on a worker thread; a second, idle team of
+    # OpenMP threads made libgomp stop spinning between parallel regions (the network ~15 % slower)
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _TEAMS], capture_output=True, text=True, check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    before, loaded = map(int, out.stdout.split())
+    assert loaded == before, out.stdout

@@ -250,16 +250,22 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _page_faults(env: dict[str, str]) -> int:
+def _python(code: str, env: dict[str, str] | None = None) -> str:
+    """``code`` run by a fresh interpreter in the repository (process-wide state starts clean);
+    its standard output."""
     import os
     import subprocess
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _FAULTS], env={**os.environ, **env}, capture_output=True,
+        [sys.executable, "-c", code], env={**os.environ, **(env or {})}, capture_output=True,
         text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip
-    return int(out.stdout.split()[-1])
+    return out.stdout
+
+
+def _page_faults(env: dict[str, str]) -> int:
+    return int(_python(_FAULTS, env).split()[-1])
 
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="glibc on Linux")
@@ -289,12 +295,6 @@ print(before, loaded)
 def test_loading_the_model_leaves_no_openmp_team_on_the_loading_thread() -> None:
     # the node loads on its main thread and denoises on a worker thread; a second, idle team of
     # OpenMP threads made libgomp stop spinning between parallel regions (the network ~15 % slower)
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [sys.executable, "-c", _TEAMS], capture_output=True, text=True, check=True,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
-    before, loaded = map(int, out.stdout.split())
-    assert loaded == before, out.stdout
+    out = _python(_TEAMS)
+    before, loaded = map(int, out.split())
+    assert loaded == before, out

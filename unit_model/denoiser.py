@@ -28,10 +28,16 @@ __all__ = ["Denoiser", "pick_device", "pick_dtype", "tune_cpu_allocator"]
 CPU_BATCH, GPU_BATCH = 1, 8
 
 # glibc's mallopt parameters (malloc.h) and what the CPU network runs best with
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOPT = ((_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, 256 << 20), (_M_TOP_PAD, 64 << 20))
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_MALLOPT = (
+    (_M_MMAP_THRESHOLD, 32 << 20),
+    (_M_MMAP_MAX, 0),
+    (_M_TRIM_THRESHOLD, 256 << 20),
+    (_M_TOP_PAD, 64 << 20),
+)
 _MALLOC_ENV = (
     "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_MMAP_MAX_",
     "MALLOC_TRIM_THRESHOLD_",
     "MALLOC_TOP_PAD_",
     "GLIBC_TUNABLES",
@@ -60,8 +66,9 @@ def tune_cpu_allocator() -> bool:
     With glibc's defaults each large activation comes from fresh pages that the kernel zeroes
     on first touch and takes back when the tensor is freed: 48 slices of 512^2 through the
     shipped model cost 8.5 M page faults, and a third of the time went to the kernel. Here
-    blocks up to 32 MiB (glibc's largest threshold) come from the heap, and up to 256 MiB of
-    freed heap is kept. Process-wide; applied once, only with glibc, and not where the
+    every block comes from the heap (mmap is off: glibc's largest mmap threshold, 32 MiB, still
+    left a few padded 32-channel maps of 32.8 MiB to fresh pages on each pass), and up to
+    256 MiB of freed heap is kept. Process-wide; applied once, only with glibc, and not where the
     environment already sets malloc's parameters. Returns whether it applied them.
     """
     if platform.libc_ver()[0] != "glibc" or any(k in os.environ for k in _MALLOC_ENV):

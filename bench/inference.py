@@ -2,12 +2,17 @@
 reference's full-width generator.
 
     .venv/bin/python bench/inference.py [--checkpoint PATH] [--slices 8] [--shipped-batch N]
-                                        [--batch 4] [--device cpu] [--compile] [--reference]
+                                        [--one-team] [--busy MS] [--batch 4] [--device cpu]
+                                        [--compile] [--reference]
 
 First the shipped checkpoint (or ``--checkpoint``) through ``Denoiser.denoise_hu`` with the node's
 defaults (fp32; on the CPU one slice per forward pass and glibc's malloc tuned, see
 ``unit_model.denoiser.tune_cpu_allocator``; ``GLIBC_TUNABLES= `` in the environment leaves malloc
-as it is): slices/s, the median of ``--reps`` passes of ``--slices`` slices, with the spread.
+as it is; on the CPU one single-threaded stream of slices per torch thread, or with
+``--one-team`` the network on one OpenMP team of all the threads, as before): slices/s, the
+median of ``--reps`` passes of ``--slices`` slices, with the spread. ``--busy MS`` runs a second
+process beside it that keeps one core busy for MS ms of every 125 ms, as a sender and the intake
+do while a series arrives at 8 slices/s.
 With ``--reference``, also the full-width generator (428.5 GFLOP per slice, counted by torch's
 FlopCounterMode): achieved FLOP/s as a fraction of torch's own matmul FLOP/s measured in the same
 process with the same threads, for fp32 contiguous, fp32 channels_last and bf16 autocast (when
@@ -17,9 +22,12 @@ the CPU has native bf16), optionally torch.compile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,23 +72,54 @@ def time_network(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, reps
     return statistics.median(times)
 
 
+BUSY = """
+import sys, time
+burn, t0, k = float(sys.argv[1]) / 1000, time.perf_counter(), 0
+while True:
+    k += 1
+    end = time.perf_counter() + burn
+    while time.perf_counter() < end:
+        pass
+    time.sleep(max(0.0, t0 + k / 8 - time.perf_counter()))
+"""
+
+
+@contextlib.contextmanager
+def busy(ms: float) -> Iterator[None]:
+    """A second process that keeps one core busy for ``ms`` of every 125 ms."""
+    if not ms:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", BUSY, str(ms)])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def shipped(args: argparse.Namespace) -> None:
     """Slices/s of ``Denoiser.denoise_hu`` on 512^2 slices of noise around soft tissue."""
     den = Denoiser.from_checkpoint(
         args.checkpoint, device=args.device, batch_size=args.shipped_batch
     )
+    if args.one_team:
+        den._cpu_streams = lambda: None  # type: ignore[method-assign]
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         den.network(torch.zeros(1, 1, 512, 512, device=den.device))
     rng = np.random.default_rng(0)
     slices = (40 + 20 * rng.standard_normal((args.slices, 512, 512))).astype(np.float32)
     den.denoise_hu(slices[:2])  # warm-up
     rates = []
-    for _ in range(args.reps):
-        t0 = time.perf_counter()
-        den.denoise_hu(slices)
-        rates.append(args.slices / (time.perf_counter() - t0))
+    with busy(args.busy):
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            den.denoise_hu(slices)
+            rates.append(args.slices / (time.perf_counter() - t0))
+    layout = "one OpenMP team" if args.one_team or den.device.type != "cpu" else "streams"
     print(
-        f"shipped model {den.model_version} on {den.device} ({torch.get_num_threads()} threads, "
+        f"shipped model {den.model_version} on {den.device} ({torch.get_num_threads()} threads "
+        f"as {layout}{f', a core {args.busy:g} ms in 125 busy' if args.busy else ''}, "
         f"{str(den.dtype).removeprefix('torch.')}, batch {den.batch_size}, malloc "
         f"{'tuned' if den.device.type == 'cpu' and tune_cpu_allocator() else 'as it is'}, "
         f"{fc.get_total_flops() / 1e9:.1f} GFLOP per slice): "
@@ -94,6 +133,8 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
     ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
     ap.add_argument("--shipped-batch", type=int, help="default: the Denoiser's (CPU 1, GPU 8)")
+    ap.add_argument("--one-team", action="store_true", help="the CPU network as one OpenMP team")
+    ap.add_argument("--busy", type=float, default=0, help="ms of every 125 ms a core is busy")
     ap.add_argument("--batch", type=int, default=4, help="batch of the reference generator")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -298,3 +298,35 @@ def test_loading_the_model_leaves_no_openmp_team_on_the_loading_thread() -> None
     out = _python(_TEAMS)
     before, loaded = map(int, out.split())
     assert loaded == before, out
+
+
+_STREAMS = """
+import threading, torch, numpy as np
+from unit_model.denoiser import Denoiser
+den = Denoiser.from_checkpoint(None, device="cpu")
+hu = np.random.default_rng(0).normal(40, 25, (6, 64, 64)).astype(np.float32)
+seen = {}
+def network_threads(module, args):
+    seen[threading.current_thread().name] = torch.get_num_threads()
+den.network.register_forward_pre_hook(network_threads)
+out = {}
+worker = threading.Thread(target=lambda: out.update(streams=den.denoise_hu(hu)))
+worker.start()
+worker.join()
+late = []
+fresh = threading.Thread(target=lambda: late.append(torch.get_num_threads()))
+fresh.start()
+fresh.join()
+torch.set_num_threads(1)
+one = Denoiser.from_checkpoint(None, device="cpu").denoise_hu(hu)
+print(sorted(set(seen.values())), len(seen), late[0], float(np.abs(out["streams"] - one).max()))
+"""
+
+
+def test_the_cpu_network_runs_as_one_single_threaded_stream_per_torch_thread() -> None:
+    # one network on an OpenMP team waits at every layer for its slowest thread, so a core taken
+    # for a moment by the intake or a sender stalls the team; independent streams do not
+    threads, streams, fresh, diff = _python(_STREAMS, {"OMP_NUM_THREADS": "2"}).split()
+    assert (threads, streams) == ("[1]", "2")  # two streams, each with one torch thread
+    assert fresh == "2"  # and the process default is left as it was for every other thread
+    assert float(diff) == 0.0  # the same output as one thread alone, to the bit

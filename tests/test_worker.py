@@ -270,3 +270,53 @@ def test_keep_days_keeps_files_until_the_sweep_finds_them_old(
         assert jobs.sweep(storage, cfg.storage.keep_days) == 0
     finally:
         dest.stop()
+
+
+def test_what_arrives_while_a_series_is_denoised_joins_the_same_run(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """A series still arriving is denoised in one run: instances stored while the network works
+    are read and queued behind what it has, not left for another round (on two cores a round per
+    arrival left a core idle at each end)."""
+    import threading
+
+    from pacs_node.config import Config
+    from pacs_node.jobs import InstanceState, JobStore
+    from pacs_node.jobs.queries import Completion
+    from pacs_node.storage import Storage
+    from pacs_node.work.series import SeriesProcessor, SeriesQuality
+    from unit_model.denoiser import Denoiser
+
+    files = make_series(tmp_path / "s", n=40, size=64, noise_sd=10)
+    jobs = JobStore(f"sqlite:///{tmp_path}/jobs.sqlite")
+    jobs.migrate()
+
+    def arrive(part: list[Path]) -> None:
+        for f in part:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            jobs.record_instance(
+                sop_uid=ds.SOPInstanceUID,
+                series_uid=ds.SeriesInstanceUID,
+                study_uid=ds.StudyInstanceUID,
+                path=str(f),
+            )
+
+    arrive(files[:8])
+    claim = jobs.claim("w", Completion(60), early_chunk=1)
+    assert claim is not None
+    denoiser = Denoiser.from_checkpoint(tiny_checkpoint, device="cpu")
+    submitted: list[int] = []
+    submit = denoiser.submit_hu
+
+    def arriving(hu: np.ndarray):  # type: ignore[no-untyped-def]
+        submitted.append(len(hu))
+        if len(submitted) == 1:
+            arrive(files[8:])  # the rest comes while the first chunk is in the network
+        return submit(hu)
+
+    denoiser.submit_hu = arriving  # type: ignore[method-assign]
+    series = SeriesProcessor(Config(), jobs, Storage(tmp_path / "data", 0), denoiser)
+    assert series.denoise(claim, threading.Event(), "w", SeriesQuality()) == 40
+    assert submitted == [8, 16, 16]
+    assert jobs.pending_instances(claim, InstanceState.RECEIVED) == []
+    assert len(jobs.pending_instances(claim, InstanceState.DENOISED)) == 40

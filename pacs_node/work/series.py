@@ -11,9 +11,10 @@ import io
 import logging
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,20 +65,27 @@ def load_denoiser(config: Config) -> Denoiser:
     )
 
 
-def denoise_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> tuple[list[np.ndarray], float]:
-    """Denoise slices that may mix matrix sizes (one batch per size); return the outputs in
-    input order and the seconds spent in the network."""
-    out: list[np.ndarray] = [np.empty(0)] * len(hu)
-    seconds = 0.0
+def submit_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> Callable[[], list[np.ndarray]]:
+    """Start denoising slices that may mix matrix sizes (one submission per size); the function
+    returned waits for the outputs and gives them in input order."""
+    parts = []
     for shape in {h.shape for h in hu}:
         sel = [k for k, h in enumerate(hu) if h.shape == shape]
-        batch = np.stack([hu[k] for k in sel])
-        t0 = time.perf_counter()
-        res = denoiser.denoise_hu(batch)
-        seconds += time.perf_counter() - t0
-        for n, k in enumerate(sel):
-            out[k] = res[n]
-    return out, seconds
+        parts.append((sel, denoiser.submit_hu(np.stack([hu[k] for k in sel]))))
+
+    def outputs() -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0)] * len(hu)
+        for sel, future in parts:
+            for k, res in zip(sel, future.result(), strict=True):
+                out[k] = res
+        return out
+
+    return outputs
+
+
+def denoise_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> list[np.ndarray]:
+    """Denoise slices that may mix matrix sizes; the outputs in input order."""
+    return submit_slices(denoiser, hu)()
 
 
 def derive_output(
@@ -95,6 +103,32 @@ def derive_output(
     )
 
 
+_Pending = list[tuple[int, str, str | None]]  # (instance id, path, derived path)
+_Read = tuple[list[pydicom.Dataset], list[np.ndarray], list[int]]  # sources, HU, instance ids
+
+
+def _chunks(pending: _Pending, size: int) -> list[tuple[_Pending, int | None]]:
+    """``pending`` in chunks of ``size``, each with the index in it of the middle slice of
+    ``pending`` (the thumbnail's), or None."""
+    middle = len(pending) // 2
+    return [
+        (pending[start : start + size], middle - start if start <= middle < start + size else None)
+        for start in range(0, len(pending), size)
+    ]
+
+
+@dataclass
+class _Queued:
+    """A chunk whose slices wait in the network's queue."""
+
+    middle: int | None  # where the middle slice of what was pending is in it, if it is
+    sources: list[pydicom.Dataset]
+    hu: list[np.ndarray]
+    ids: list[int]
+    outputs: Callable[[], list[np.ndarray]]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
 class SeriesProcessor:
     """Denoises the received instances of a claimed job into derived files."""
 
@@ -108,50 +142,79 @@ class SeriesProcessor:
     ) -> None:
         self.config, self.jobs, self.storage = config, jobs, storage
         self.denoiser, self.metrics = denoiser, metrics
+        self._last_done = 0.0  # when the network last finished a chunk (throughput metric)
 
     def denoise(
         self, claim: Claim, stopping: threading.Event, name: str, quality: SeriesQuality
     ) -> int:
         """Denoise the received instances of the job, adding to ``quality`` (the series' figures,
         kept in the job table with each chunk); return how many there were. Raises Interrupted
-        when ``stopping`` is set between chunks."""
+        when ``stopping`` is set between chunks, once the chunk already queued is recorded."""
         pending = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
         if not pending:
             return 0
         chunk = max(self.denoiser.batch_size, 16)
-        # Each chunk's derived files are encoded, written (fsync) and recorded on a helper thread
-        # while the network works on the next chunk; one chunk in flight keeps the order. (The
-        # quality figures are measured here, between chunks: beside the network's threads they
-        # slowed it by more than they cost.)
+        seen = {iid for iid, _, _ in pending}
+        parts = deque(_chunks(pending, chunk))
+        # The network works on one chunk with the next queued behind it, read and submitted
+        # meanwhile; when the known chunks run out, what arrived since is appended (a series
+        # still arriving is one run, not a round per arrival). A helper thread measures each
+        # denoised chunk's quality figures, then encodes, writes (fsync) and records its
+        # derived files; one chunk in flight there keeps the order. On the CPU the network runs
+        # as single-threaded streams (unit_model.denoiser), which lose only the share that
+        # reading and writing take.
+        network: deque[_Queued] = deque()
+        in_flight: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write") as writer:
-            in_flight: Future[None] | None = None
-            for start in range(0, len(pending), chunk):
-                if stopping.is_set():
-                    if in_flight is not None:
-                        in_flight.result()
-                    raise Interrupted
-                sources, hu, ids = self._read_chunk(claim, pending[start : start + chunk])
-                outputs, seconds = denoise_slices(self.denoiser, hu)
-                quality.add_slices(hu, outputs)
-                if self.metrics and hu:
-                    self.metrics.observe_denoise(seconds, len(hu))
-                middle = len(pending) // 2 - start  # the series' middle slice, if in this chunk
-                if 0 <= middle < len(hu):
-                    save_thumbnail(
-                        self.storage.thumb_path(claim.job_id), hu[middle], outputs[middle]
+            while not stopping.is_set():
+                while len(network) < 2:
+                    if not parts:
+                        more = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
+                        more = [p for p in more if p[0] not in seen]
+                        seen.update(iid for iid, _, _ in more)
+                        parts.extend(_chunks(more, chunk))
+                    if not parts:
+                        break
+                    part, middle = parts.popleft()
+                    sources, hu, ids = self._read_chunk(claim, part)
+                    network.append(
+                        _Queued(middle, sources, hu, ids, submit_slices(self.denoiser, hu))
                     )
-                if in_flight is not None:
-                    in_flight.result()  # its errors (e.g. LostClaim) surface here
-                in_flight = writer.submit(
-                    self._write_chunk, claim, ids, sources, outputs, quality.to_json()
-                )
+                if not network:
+                    break
+                in_flight = self._finish(claim, network.popleft(), in_flight, writer, quality)
+            while network:  # stopping: what the network already has is kept
+                in_flight = self._finish(claim, network.popleft(), in_flight, writer, quality)
             if in_flight is not None:
                 in_flight.result()
-        return len(pending)
+        if parts:
+            raise Interrupted
+        return len(seen)
 
-    def _read_chunk(
-        self, claim: Claim, part: list[tuple[int, str, str | None]]
-    ) -> tuple[list[pydicom.Dataset], list[np.ndarray], list[int]]:
+    def _finish(
+        self,
+        claim: Claim,
+        queued: _Queued,
+        in_flight: Future[None] | None,
+        writer: ThreadPoolExecutor,
+        quality: SeriesQuality,
+    ) -> Future[None]:
+        """Wait for a queued chunk's outputs and hand them to ``writer`` after ``in_flight``."""
+        started = max(queued.submitted, self._last_done)
+        outputs = queued.outputs()
+        self._last_done = time.perf_counter()
+        if self.metrics and outputs:
+            self.metrics.observe_denoise(self._last_done - started, len(outputs))
+        m = queued.middle
+        if m is not None and m < len(outputs):  # (an unreadable instance may shorten a chunk)
+            save_thumbnail(self.storage.thumb_path(claim.job_id), queued.hu[m], outputs[m])
+        if in_flight is not None:
+            in_flight.result()  # its errors (e.g. LostClaim) surface here
+        return writer.submit(
+            self._write_chunk, claim, queued.ids, queued.sources, queued.hu, outputs, quality
+        )
+
+    def _read_chunk(self, claim: Claim, part: _Pending) -> _Read:
         """Sources, HU slices and instance ids of the readable instances in ``part``; an
         unreadable one is marked failed and left out."""
         sources: list[pydicom.Dataset] = []
@@ -175,14 +238,16 @@ class SeriesProcessor:
         claim: Claim,
         ids: list[int],
         sources: Sequence[pydicom.Dataset],
+        hu: list[np.ndarray],
         outputs: list[np.ndarray],
-        tally: str,
+        quality: SeriesQuality,
     ) -> None:
+        quality.add_slices(hu, outputs)
         done = [
             self._write_derived(claim, iid, src, res)
             for iid, src, res in zip(ids, sources, outputs, strict=True)
         ]
-        self.jobs.mark_denoised(claim, done, self.denoiser.version_label, tally)
+        self.jobs.mark_denoised(claim, done, self.denoiser.version_label, quality.to_json())
 
     def _write_derived(
         self, claim: Claim, iid: int, source: pydicom.Dataset, hu: np.ndarray
@@ -223,7 +288,7 @@ def denoise_folder(
         for start in range(0, len(items), 32):
             part = items[start : start + 32]
             hu = [read_hu(ds) for ds in part]
-            outputs, _ = denoise_slices(denoiser, hu)
+            outputs = denoise_slices(denoiser, hu)
             quality.add_slices(hu, outputs)
             for src, res in zip(part, outputs, strict=True):
                 d = derive_output(config, denoiser, src, res)

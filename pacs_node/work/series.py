@@ -12,8 +12,8 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ from pacs_node.work.quality import QualityFigures, RegionTally, find_uniform_reg
 from unit_model.denoiser import Denoiser
 
 logger = logging.getLogger(__name__)
+
+LOOK_AGAIN_SECONDS = 0.1  # while the network has room for more of a series still arriving
 
 
 class Interrupted(Exception):
@@ -65,27 +67,32 @@ def load_denoiser(config: Config) -> Denoiser:
     )
 
 
-def submit_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> Callable[[], list[np.ndarray]]:
-    """Start denoising slices that may mix matrix sizes (one submission per size); the function
-    returned waits for the outputs and gives them in input order."""
-    parts = []
-    for shape in {h.shape for h in hu}:
-        sel = [k for k, h in enumerate(hu) if h.shape == shape]
-        parts.append((sel, denoiser.submit_hu(np.stack([hu[k] for k in sel]))))
+class Submitted:
+    """Slices that may mix matrix sizes, handed to the network (one submission per size)."""
 
-    def outputs() -> list[np.ndarray]:
-        out: list[np.ndarray] = [np.empty(0)] * len(hu)
-        for sel, future in parts:
+    def __init__(self, denoiser: Denoiser, hu: list[np.ndarray]) -> None:
+        self.count = len(hu)
+        self._parts = []
+        for shape in {h.shape for h in hu}:
+            sel = [k for k, h in enumerate(hu) if h.shape == shape]
+            self._parts.append((sel, denoiser.submit_hu(np.stack([hu[k] for k in sel]))))
+
+    def ready(self, timeout: float) -> bool:
+        """Whether the outputs are there, waiting up to ``timeout`` seconds for them."""
+        return not wait([f for _, f in self._parts], timeout).not_done
+
+    def outputs(self) -> list[np.ndarray]:
+        """The outputs in input order, once they are there."""
+        out: list[np.ndarray] = [np.empty(0)] * self.count
+        for sel, future in self._parts:
             for k, res in zip(sel, future.result(), strict=True):
                 out[k] = res
         return out
 
-    return outputs
-
 
 def denoise_slices(denoiser: Denoiser, hu: list[np.ndarray]) -> list[np.ndarray]:
     """Denoise slices that may mix matrix sizes; the outputs in input order."""
-    return submit_slices(denoiser, hu)()
+    return Submitted(denoiser, hu).outputs()
 
 
 def derive_output(
@@ -125,7 +132,7 @@ class _Queued:
     sources: list[pydicom.Dataset]
     hu: list[np.ndarray]
     ids: list[int]
-    outputs: Callable[[], list[np.ndarray]]
+    network: Submitted
     submitted: float = field(default_factory=time.perf_counter)
 
 
@@ -157,17 +164,18 @@ class SeriesProcessor:
         seen = {iid for iid, _, _ in pending}
         parts = deque(_chunks(pending, chunk))
         # The network works on one chunk with the next queued behind it, read and submitted
-        # meanwhile; when the known chunks run out, what arrived since is appended (a series
-        # still arriving is one run, not a round per arrival). A helper thread measures each
-        # denoised chunk's quality figures, then encodes, writes (fsync) and records its
-        # derived files; one chunk in flight there keeps the order. On the CPU the network runs
-        # as single-threaded streams (unit_model.denoiser), which lose only the share that
-        # reading and writing take.
+        # meanwhile; when the known chunks run out, what arrived since is appended, looked for
+        # every LOOK_AGAIN_SECONDS while the network has room (a series still arriving is one
+        # run, not a round per arrival, and no stream waits for the chunk before it to end).
+        # A helper thread measures each denoised chunk's quality figures, then encodes, writes
+        # (fsync) and records its derived files; one chunk in flight there keeps the order. On
+        # the CPU the network runs as single-threaded streams (unit_model.denoiser), which lose
+        # only the share that reading and writing take.
         network: deque[_Queued] = deque()
         in_flight: Future[None] | None = None
         with ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write") as writer:
             while not stopping.is_set():
-                while len(network) < 2:
+                while sum(q.network.count for q in network) < 2 * chunk:
                     if not parts:
                         more = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
                         more = [p for p in more if p[0] not in seen]
@@ -177,11 +185,12 @@ class SeriesProcessor:
                         break
                     part, middle = parts.popleft()
                     sources, hu, ids = self._read_chunk(claim, part)
-                    network.append(
-                        _Queued(middle, sources, hu, ids, submit_slices(self.denoiser, hu))
-                    )
+                    network.append(_Queued(middle, sources, hu, ids, Submitted(self.denoiser, hu)))
                 if not network:
                     break
+                room = sum(q.network.count for q in network) < 2 * chunk
+                if room and not network[0].network.ready(LOOK_AGAIN_SECONDS):
+                    continue  # the network could take more: look for new arrivals again
                 in_flight = self._finish(claim, network.popleft(), in_flight, writer, quality)
             while network:  # stopping: what the network already has is kept
                 in_flight = self._finish(claim, network.popleft(), in_flight, writer, quality)
@@ -201,7 +210,7 @@ class SeriesProcessor:
     ) -> Future[None]:
         """Wait for a queued chunk's outputs and hand them to ``writer`` after ``in_flight``."""
         started = max(queued.submitted, self._last_done)
-        outputs = queued.outputs()
+        outputs = queued.network.outputs()
         self._last_done = time.perf_counter()
         if self.metrics and outputs:
             self.metrics.observe_denoise(self._last_done - started, len(outputs))

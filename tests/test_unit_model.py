@@ -242,10 +242,12 @@ _FAULTS = """
 import resource, numpy as np
 from unit_model.denoiser import Denoiser
 den = Denoiser.from_checkpoint(None, device="cpu")
-hu = np.zeros((2, 512, 512), np.float32)
-den.denoise_hu(hu)
+hu = np.zeros((4, 512, 512), np.float32)
+for _ in range(2):
+    den.denoise_hu(hu)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-den.denoise_hu(hu)
+for _ in range(2):
+    den.denoise_hu(hu)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
@@ -270,11 +272,12 @@ def _page_faults(env: dict[str, str]) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self").exists(), reason="glibc on Linux")
 def test_cpu_inference_reuses_its_memory_unless_the_environment_tunes_malloc() -> None:
-    # the shipped model's second pass over 512^2 slices: with glibc's defaults each large
-    # activation is fresh pages from the kernel (~100k faults a slice); tuned, the heap keeps them
+    # the shipped model on 8 slices of 512^2 after 8 others: with glibc's defaults each large
+    # activation is fresh pages from the kernel (~60k faults a slice); tuned, the heap keeps
+    # them (this VM: 5-13k faults in all, as the streams' heaps settle, against 470-490k)
     tuned = _page_faults({})
     untouched = _page_faults({"GLIBC_TUNABLES": ""})  # the user's say: left as it is
-    assert tuned < 20_000 < untouched, (tuned, untouched)
+    assert tuned * 10 < untouched, (tuned, untouched)
 
 
 _TEAMS = """

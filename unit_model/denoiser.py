@@ -132,8 +132,10 @@ class Denoiser:
 
     ``denoise_hu`` takes float32 [N, H, W] HU of any H, W; slices are reflect-padded to a multiple
     of 4, run in batches of ``batch_size`` (default: 1 on the CPU, 8 on a GPU) and cropped back.
-    ``strength`` (0-1) blends the result with its input, ``input + strength * (model - input)``,
-    as commercial CT denoisers offer.
+    On the CPU the batches run side by side, each on one core (one stream per torch thread of
+    the first caller); ``submit_hu`` queues slices without waiting for them. ``strength`` (0-1)
+    blends the result with its input, ``input + strength * (model - input)``, as commercial CT
+    denoisers offer.
     """
 
     def __init__(

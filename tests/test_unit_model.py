@@ -333,3 +333,19 @@ def test_the_cpu_network_runs_as_one_single_threaded_stream_per_torch_thread() -
     assert (threads, streams) == ("[1]", "2")  # two streams, each with one torch thread
     assert fresh == "2"  # and the process default is left as it was for every other thread
     assert float(diff) == 0.0  # the same output as one thread alone, to the bit
+
+
+def test_an_error_in_a_cpu_stream_reaches_the_caller_and_the_streams_go_on() -> None:
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool((x > -0.1).any()):
+                raise RuntimeError("bad slice")
+            return x
+
+    den = Denoiser(Fails(), HUWindow(), device="cpu")
+    hu = np.zeros((4, 32, 32), np.float32)
+    bad = hu.copy()
+    bad[2] = 1000.0  # above -0.1 in the network's window, where 0 HU is -0.5
+    with pytest.raises(RuntimeError, match="bad slice"):
+        den.denoise_hu(bad)
+    assert np.array_equal(den.denoise_hu(hu), hu)

@@ -112,7 +112,6 @@ class _Streams:
     """
 
     def __init__(self, k: int) -> None:
-        self.size = k
         self.pool = ThreadPoolExecutor(k, thread_name_prefix="denoise")
         default = torch.get_num_threads()
         ready = threading.Barrier(k)

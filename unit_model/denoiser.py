@@ -270,8 +270,8 @@ class Denoiser:
                 left -= 1
                 if result.done():
                     return
-                if part.exception() is not None:
-                    result.set_exception(part.exception())
+                if (error := part.exception()) is not None:
+                    result.set_exception(error)
                 elif left == 0:
                     result.set_result(out)
 

@@ -173,9 +173,13 @@ class SeriesProcessor:
         # only the share that reading and writing take.
         network: deque[_Queued] = deque()
         in_flight: Future[None] | None = None
+
+        def room() -> bool:  # the network holds less than two chunks' worth
+            return sum(q.network.count for q in network) < 2 * chunk
+
         with ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write") as writer:
             while not stopping.is_set():
-                while sum(q.network.count for q in network) < 2 * chunk:
+                while room():
                     if not parts:
                         more = self.jobs.pending_instances(claim, InstanceState.RECEIVED)
                         more = [p for p in more if p[0] not in seen]
@@ -188,8 +192,7 @@ class SeriesProcessor:
                     network.append(_Queued(middle, sources, hu, ids, Submitted(self.denoiser, hu)))
                 if not network:
                     break
-                room = sum(q.network.count for q in network) < 2 * chunk
-                if room and not network[0].network.ready(LOOK_AGAIN_SECONDS):
+                if room() and not network[0].network.ready(LOOK_AGAIN_SECONDS):
                     continue  # the network could take more: look for new arrivals again
                 in_flight = self._finish(claim, network.popleft(), in_flight, writer, quality)
             while network:  # stopping: what the network already has is kept

@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 
 from pacs_node.errors import PermanentError
 
@@ -26,14 +27,20 @@ def read_hu(ds: Dataset) -> np.ndarray:
     Decodes any transfer syntax pydicom and pylibjpeg handle; raises PermanentError when it can't.
     """
     try:
-        arr = ds.pixel_array
+        # pydicom.pixels.pixel_array, not ds.pixel_array: the same decoders, without keeping a
+        # decoded copy in the data set (which the derived instance would deep-copy)
+        arr = pixel_array(ds)
     except Exception as err:  # pydicom raises a variety of errors for undecodable pixel data
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise PermanentError(f"cannot decode pixel data (transfer syntax {ts}): {err}") from err
     if arr.ndim != 2:
         raise PermanentError(f"expected a single-frame grayscale image, got shape {arr.shape}")
     slope, intercept = _rescale(ds)
-    return (arr.astype(np.float32) * np.float32(slope) + np.float32(intercept)).astype(np.float32)
+    hu = arr.astype(np.float32)
+    if slope != 1:
+        hu *= np.float32(slope)
+    hu += np.float32(intercept)
+    return hu
 
 
 def stored_range(ds: Dataset) -> tuple[int, int]:
@@ -48,11 +55,15 @@ def hu_to_stored(hu: np.ndarray, ds: Dataset) -> np.ndarray:
     """HU -> stored values in ``ds``'s representation (slope, intercept, bits, sign), clipped."""
     slope, intercept = _rescale(ds)
     lo, hi = stored_range(ds)
-    stored = np.rint((np.asarray(hu, np.float64) - intercept) / slope)
-    dtype = np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16
     if int(ds.BitsAllocated) != 16:
         raise PermanentError(f"BitsAllocated {ds.BitsAllocated} is not supported (16 only)")
-    return np.clip(stored, lo, hi).astype(dtype)
+    stored = np.array(hu, np.float64)  # float64: exact for any float32 HU and 16-bit range
+    stored -= intercept
+    if slope != 1:
+        stored /= slope
+    np.rint(stored, out=stored)
+    np.clip(stored, lo, hi, out=stored)
+    return stored.astype(np.int16 if int(ds.PixelRepresentation) == 1 else np.uint16)
 
 
 # -- the derived instance ----------------------------------------------------------------------

@@ -20,6 +20,13 @@ slice per forward pass, malloc tuned), measured in each run before and after the
 * tail = last slice acknowledged -> last derived received, against the compute still left at
   that moment (pure compute x the share of slices not yet denoised then, read from the job
   table); target: tail <= left + 2 s.
+
+Where the cores went, per run (first slice sent -> last derived received; Linux /proc): the
+node's CPU time beyond pure compute's (everything but the network: receiving, reading, the
+gate's figures, writing, forwarding, the kernel's share of them, and any slowdown of the network
+itself), and this process's (the sender and the recording SCP). ``free`` is the ratio the run
+would have had if the node's CPU beyond the network had cost nothing (wall less that time
+spread over the cores): an upper bound for any saving in the node's own work.
 """
 
 from __future__ import annotations
@@ -49,6 +56,13 @@ SETUPS = {
     "release": 'complete_on = ["quiet", "release"]\ndenoise_while_receiving = true\n',
     "quiet": 'complete_on = ["quiet"]\ndenoise_while_receiving = false\n',
 }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (its threads, ended ones included)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _denoised(db: Path) -> int:
@@ -102,6 +116,7 @@ def one_run(
         if not assoc.is_established:
             raise RuntimeError("the node refused the association")
         t0 = time.perf_counter()
+        node_cpu0, own_cpu0 = _cpu_seconds(node.pid), time.process_time()
         for k, path in enumerate(files):
             delay = t0 + k / rate - time.perf_counter()
             if delay > 0:
@@ -114,6 +129,7 @@ def one_run(
         assoc.release()
         if not done.wait(3600):
             raise RuntimeError("not everything was delivered")
+        node_cpu, own_cpu = _cpu_seconds(node.pid) - node_cpu0, time.process_time() - own_cpu0
     finally:
         node.terminate()
         node.wait()
@@ -123,22 +139,34 @@ def one_run(
         "tail": received[-1] - t_ack,
         "send": t_ack - t0,
         "denoised_at_ack": denoised_at_ack,
+        "node_cpu": node_cpu,
+        "own_cpu": own_cpu,
     }
 
 
-def _against(r: dict[str, float], pure: float, n: int) -> dict[str, float]:
-    """The run's figures against pure compute: the ratio, and the compute still left at the
-    last acknowledgement (pure compute x the share of slices not denoised then)."""
+def _against(r: dict[str, float], pure: float, pure_cpu: float, n: int) -> dict[str, float]:
+    """The run's figures against pure compute: the ratio, the compute still left at the last
+    acknowledgement (pure compute x the share of slices not denoised then), the node's CPU time
+    beyond pure compute's and the ratio had that been free."""
     left = pure * (n - r["denoised_at_ack"]) / n
-    return {"ratio": pure / r["wall"], "left": left, "over": r["tail"] - left}
+    beyond = r["node_cpu"] - pure_cpu
+    free = pure / (r["wall"] - max(beyond, 0.0) / (os.cpu_count() or 1))
+    return {
+        "ratio": pure / r["wall"],
+        "left": left,
+        "over": r["tail"] - left,
+        "beyond": beyond,
+        "free": free,
+    }
 
 
-def _pure(hu: np.ndarray) -> float:
+def _pure(hu: np.ndarray) -> tuple[float, float]:
+    """Seconds and CPU seconds of Denoiser.denoise_hu over ``hu``."""
     den = Denoiser.from_checkpoint(None, device="cpu")
     den.denoise_hu(hu[:2])  # warm-up
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     den.denoise_hu(hu)
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - cpu
 
 
 def _summary(values: list[float]) -> str:
@@ -170,22 +198,25 @@ def main() -> None:
         for run in range(args.runs):
             # pure compute before and after the node's runs: a shared machine drifts by several
             # per cent within minutes, and one side alone would hand that drift to the ratio
-            before = _pure(hu)
+            before, before_cpu = _pure(hu)
             results = []
             for setup in setups if run % 2 == 0 else setups[::-1]:
                 r = one_run(work, files, setup, args.rate, args.quiet, args.node_log)
                 results.append((setup, r))
-            after = _pure(hu)
-            pure = (before + after) / 2
+            after, after_cpu = _pure(hu)
+            pure, pure_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
             pures.append(pure)
             for setup, r in results:
-                r.update(_against(r, pure, args.slices))
+                r.update(_against(r, pure, pure_cpu, args.slices))
                 rows[setup].append(r)
                 print(
                     f"run {run + 1} {setup:8s} pure {pure:6.1f} s ({before:.1f} before, "
                     f"{after:.1f} after)  sent {r['send']:5.1f} s  wall {r['wall']:6.1f} s  "
                     f"ratio {r['ratio']:.3f}  tail {r['tail']:5.1f} s "
-                    f"(compute left {r['left']:5.1f} s, over {r['over']:+5.1f} s)",
+                    f"(compute left {r['left']:5.1f} s, over {r['over']:+5.1f} s)\n"
+                    f"      CPU: pure compute {pure_cpu:.1f} s, node {r['node_cpu']:.1f} s "
+                    f"(beyond pure {r['beyond']:+.1f} s), sender + recorder {r['own_cpu']:.1f} s; "
+                    f"ratio were the node's beyond free {r['free']:.3f}",
                     flush=True,
                 )
     print(
@@ -196,7 +227,10 @@ def main() -> None:
         print(
             f"{setup:8s} ratio {_summary([r['ratio'] for r in rs])}; "
             f"tail - compute left {_summary([r['over'] for r in rs])} s; "
-            f"wall {_summary([r['wall'] for r in rs])} s"
+            f"wall {_summary([r['wall'] for r in rs])} s; node CPU beyond pure compute "
+            f"{_summary([r['beyond'] for r in rs])} s, sender + recorder "
+            f"{_summary([r['own_cpu'] for r in rs])} s; ratio were that free "
+            f"{_summary([r['free'] for r in rs])}"
         )
 
 

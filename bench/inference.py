@@ -2,17 +2,17 @@
 reference's full-width generator.
 
     .venv/bin/python bench/inference.py [--checkpoint PATH] [--slices 8] [--shipped-batch N]
-                                        [--one-team] [--busy MS] [--batch 4] [--device cpu]
-                                        [--compile] [--reference]
+                                        [--precision auto] [--one-team] [--busy MS]
+                                        [--batch 4] [--device cpu] [--compile] [--reference]
 
 First the shipped checkpoint (or ``--checkpoint``) through ``Denoiser.denoise_hu`` with the node's
-defaults (fp32; on the CPU one slice per forward pass and glibc's malloc tuned, see
-``unit_model.denoiser.tune_cpu_allocator``; ``GLIBC_TUNABLES= `` in the environment leaves malloc
-as it is; on the CPU one single-threaded stream of slices per torch thread, or with
-``--one-team`` the network on one OpenMP team of all the threads, as before): slices/s, the
-median of ``--reps`` passes of ``--slices`` slices, with the spread. ``--busy MS`` runs a second
-process beside it that keeps one core busy for MS ms of every 125 ms, as a sender and the intake
-do while a series arrives at 8 slices/s.
+defaults (``--precision`` is ``model.precision``: auto = fp32 on the CPU; on the CPU one slice
+per forward pass and glibc's malloc tuned, see ``unit_model.denoiser.tune_cpu_allocator``;
+``GLIBC_TUNABLES= `` in the environment leaves malloc as it is; on the CPU one single-threaded
+stream of slices per torch thread, or with ``--one-team`` the network on one OpenMP team of all
+the threads, as before): slices/s, the median of ``--reps`` passes of ``--slices`` slices, with
+the spread. ``--busy MS`` runs a second process beside it that keeps one core busy for MS ms of
+every 125 ms, as a sender and the intake do while a series arrives at 8 slices/s.
 With ``--reference``, also the full-width generator (428.5 GFLOP per slice, counted by torch's
 FlopCounterMode): achieved FLOP/s as a fraction of torch's own matmul FLOP/s measured in the same
 process with the same threads, for fp32 contiguous, fp32 channels_last and bf16 autocast (when
@@ -101,7 +101,10 @@ def busy(ms: float) -> Iterator[None]:
 def shipped(args: argparse.Namespace) -> None:
     """Slices/s of ``Denoiser.denoise_hu`` on 512^2 slices of noise around soft tissue."""
     den = Denoiser.from_checkpoint(
-        args.checkpoint, device=args.device, batch_size=args.shipped_batch
+        args.checkpoint,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.shipped_batch,
     )
     if args.one_team:
         den._cpu_streams = lambda: None  # type: ignore[method-assign]
@@ -133,6 +136,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
     ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
     ap.add_argument("--shipped-batch", type=int, help="default: the Denoiser's (CPU 1, GPU 8)")
+    ap.add_argument("--precision", default="auto", help="model.precision: auto, fp32, bf16, fp16")
     ap.add_argument("--one-team", action="store_true", help="the CPU network as one OpenMP team")
     ap.add_argument("--busy", type=float, default=0, help="ms of every 125 ms a core is busy")
     ap.add_argument("--batch", type=int, default=4, help="batch of the reference generator")

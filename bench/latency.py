@@ -1,6 +1,6 @@
 """Time to result: a series sent at scanner pace, denoised while it arrives, against pure compute.
 
-    .venv/bin/python bench/latency.py [--slices 200] [--rate 8] [--runs 3]
+    .venv/bin/python bench/latency.py [--slices 200] [--rate 8] [--runs 3] [--precision auto]
 
 A pynetdicom sender in this process sends ``--slices`` 512^2 slices at ``--rate`` slices per
 second (one association, released at the end; files sent as stored, so that the sender, which
@@ -80,6 +80,7 @@ def one_run(
     rate: float,
     quiet: float,
     log: Path | None = None,
+    precision: str = "auto",
 ) -> dict[str, float]:
     from pynetdicom import AE, evt
 
@@ -106,7 +107,7 @@ def one_run(
         port,
         f"[queue]\nseries_quiet_seconds = {quiet}\n{SETUPS[setup]}"
         f"[destination]\nport = {dest_port}\n[quality]\nforward_on_failure = true\n"
-        "[http]\nenabled = false\n",
+        f'[http]\nenabled = false\n[model]\nprecision = "{precision}"\n',
         log=log,
     )
     try:
@@ -160,9 +161,9 @@ def _against(r: dict[str, float], pure: float, pure_cpu: float, n: int) -> dict[
     }
 
 
-def _pure(hu: np.ndarray) -> tuple[float, float]:
+def _pure(hu: np.ndarray, precision: str) -> tuple[float, float]:
     """Seconds and CPU seconds of Denoiser.denoise_hu over ``hu``."""
-    den = Denoiser.from_checkpoint(None, device="cpu")
+    den = Denoiser.from_checkpoint(None, device="cpu", precision=precision)
     den.denoise_hu(hu[:2])  # warm-up
     t, cpu = time.perf_counter(), time.process_time()
     den.denoise_hu(hu)
@@ -181,6 +182,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--setups", default="release,quiet", help="comma list of release,quiet")
     ap.add_argument("--node-log", type=Path, help="append the node's log here")
+    ap.add_argument("--precision", default="auto", help="model.precision, both sides")
     args = ap.parse_args()
     setups = args.setups.split(",")
     from pynetdicom import _config
@@ -198,12 +200,14 @@ def main() -> None:
         for run in range(args.runs):
             # pure compute before and after the node's runs: a shared machine drifts by several
             # per cent within minutes, and one side alone would hand that drift to the ratio
-            before, before_cpu = _pure(hu)
+            before, before_cpu = _pure(hu, args.precision)
             results = []
             for setup in setups if run % 2 == 0 else setups[::-1]:
-                r = one_run(work, files, setup, args.rate, args.quiet, args.node_log)
+                r = one_run(
+                    work, files, setup, args.rate, args.quiet, args.node_log, args.precision
+                )
                 results.append((setup, r))
-            after, after_cpu = _pure(hu)
+            after, after_cpu = _pure(hu, args.precision)
             pure, pure_cpu = (before + after) / 2, (before_cpu + after_cpu) / 2
             pures.append(pure)
             for setup, r in results:

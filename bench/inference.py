@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pacs_node.config.sections import Precision
 from unit_model.denoiser import Denoiser, tune_cpu_allocator
 from unit_model.networks import UnitGenerator
 
@@ -136,7 +138,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: the shipped one")
     ap.add_argument("--slices", type=int, default=8, help="slices per timed pass")
     ap.add_argument("--shipped-batch", type=int, help="default: the Denoiser's (CPU 1, GPU 8)")
-    ap.add_argument("--precision", default="auto", help="model.precision: auto, fp32, bf16, fp16")
+    ap.add_argument("--precision", default="auto", choices=get_args(Precision))  # model.precision
     ap.add_argument("--one-team", action="store_true", help="the CPU network as one OpenMP team")
     ap.add_argument("--busy", type=float, default=0, help="ms of every 125 ms a core is busy")
     ap.add_argument("--batch", type=int, default=4, help="batch of the reference generator")

@@ -40,6 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pydicom
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import free_port, start_node
 
+from pacs_node.config.sections import Precision
 from pacs_node.work.dicom_io import read_hu
 from train.synth import simple_series
 from unit_model.denoiser import Denoiser
@@ -182,7 +184,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--setups", default="release,quiet", help="comma list of release,quiet")
     ap.add_argument("--node-log", type=Path, help="append the node's log here")
-    ap.add_argument("--precision", default="auto", help="model.precision, both sides")
+    ap.add_argument(
+        "--precision", default="auto", choices=get_args(Precision), help="model.precision, both"
+    )
     args = ap.parse_args()
     setups = args.setups.split(",")
     from pynetdicom import _config

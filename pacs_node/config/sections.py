@@ -125,11 +125,14 @@ class QueueConfig(_Section):
         return value
 
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # model.precision (unit_model.pick_dtype)
+
+
 class ModelConfig(_Section):
     checkpoint: Path | None = None
     device: str = "auto"
     batch_size: int | None = Field(default=None, ge=1, le=1024)  # None: the Denoiser's default
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     compile: bool = False
     strength: float = Field(default=1.0, ge=0.0, le=1.0)
 
